@@ -1,0 +1,173 @@
+"""Storage helpers: one filesystem API for local paths and s3://, atomic publish, manifests, the embedding column.
+
+Every output of the product is a *published directory*: data files plus a `_manifest.json`. The
+manifest is written last, and readers treat a directory without it as not written. Outputs are built in
+a run-scoped staging directory next to the destination and moved into place only when complete:
+
+- local: one `os.rename` of the whole staging directory (atomic on POSIX); an existing output being
+  overwritten is first renamed aside, and deleted only after the new one is in place;
+- s3://: objects are copied server-side from the staging prefix, the manifest last (a single PUT, which
+  S3 makes atomic), so a killed run leaves at most files without a manifest: "not written".
+
+S3 credentials come from the environment (AWS_ACCESS_KEY_ID, ...); the endpoint can be overridden with
+AWS_ENDPOINT_URL (MinIO, moto, ...), which botocore reads itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+MANIFEST = "_manifest.json"
+
+
+def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and bare path for a local path or an s3:// URI."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def read_json(uri: str) -> dict[str, Any]:
+    fs, path = get_fs(uri)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_json(uri: str, obj: dict[str, Any]) -> None:
+    """Write JSON so that a reader never sees half a file (temp + rename locally; one PUT on S3)."""
+    fs, path = get_fs(uri)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "w") as f:
+            f.write(text)
+
+
+def is_published(uri: str) -> bool:
+    """True when `uri` is a directory whose manifest has been written."""
+    return exists(join(uri, MANIFEST))
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a published directory; a clear error when the directory is not published."""
+    if not is_published(uri):
+        raise FileNotFoundError(
+            f"{uri} is not a published output (no {MANIFEST}): it is missing, or the run that wrote it "
+            "did not finish. Re-run the stage that produces it."
+        )
+    return read_json(join(uri, MANIFEST))
+
+
+def staging_uri(final_uri: str, run_id: str | None = None) -> str:
+    """A run-scoped staging location beside `final_uri` (same filesystem, so the publish is a rename)."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    return f"{final_uri.rstrip('/')}.staging-{run_id}"
+
+
+def check_can_publish(final_uri: str, overwrite: bool) -> None:
+    """Fail before any work when the destination is already published and overwrite was not asked for."""
+    if is_published(final_uri) and not overwrite:
+        raise FileExistsError(
+            f"{final_uri} is already published. Pass --overwrite to replace it, or choose another output."
+        )
+
+
+def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: bool = False) -> None:
+    """Write `manifest` into `staging` and move the staging directory to `final_uri` atomically.
+
+    Never deletes a published output before its replacement is in place.
+    """
+    check_can_publish(final_uri, overwrite)
+    fs, final_path = get_fs(final_uri)
+    _, staging_path = get_fs(staging)
+    if is_local(final_uri):
+        write_json(join(staging, MANIFEST), manifest)
+        aside = None
+        if os.path.exists(final_path):
+            aside = f"{final_path}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(final_path, aside)
+        os.makedirs(os.path.dirname(os.path.abspath(final_path)), exist_ok=True)
+        os.rename(staging_path, final_path)
+        if aside:
+            fs.rm(aside, recursive=True)
+        return
+    # S3: drop the old manifest first (the directory reads as "not written" while objects change), copy
+    # data objects, then write the new manifest: the commit point.
+    if fs.exists(join(final_path, MANIFEST)):
+        fs.rm(join(final_path, MANIFEST))
+    if fs.exists(final_path):
+        fs.rm(final_path, recursive=True)
+    for src in fs.find(staging_path):
+        rel = src[len(staging_path.rstrip("/")) + 1 :]
+        fs.copy(src, join(final_path, rel))
+    write_json(join(final_uri, MANIFEST), manifest)
+    fs.rm(staging_path, recursive=True)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or directory tree if it exists (staging leftovers)."""
+    fs, path = get_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@contextlib.contextmanager
+def staging(final_uri: str, run_id: str | None = None) -> Iterator[str]:
+    """A fresh staging directory for `final_uri`, removed if the block raises."""
+    uri = staging_uri(final_uri, run_id)
+    remove(uri)
+    fs, path = get_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+    try:
+        yield uri
+    except BaseException:
+        remove(uri)
+        raise
+
+
+# --- the embedding column -------------------------------------------------------------------------
+
+
+def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """[N, D] float32 -> a plain Arrow `fixed_size_list<float32>[D]` (not Ray's tensor extension)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {vectors.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A `fixed_size_list<float32>[D]` column -> [N, D] float32 numpy, without a Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        raise TypeError(f"embedding column must be fixed_size_list<float32>[D], got {column.type}")
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
