@@ -1,0 +1,125 @@
+"""ItemConfig: every architectural and pretraining choice of the ITEm model, and its named presets.
+
+The paper (Liao et al., arXiv 2311.02084) was not available to us in full: masking ratios, loss weights
+and sizes below are our choices, marked as such.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig
+
+# Token ids that must agree with the tokenizer are never defaulted: `preset_config` reads them from the
+# tokenizer, and `ItemModel` refuses a config where they are unset.
+_FROM_TOKENIZER = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
+
+
+@strict
+class ItemConfig(BertConfig):
+    """A BERT config (so the encoder layers are transformers' own and a BERT checkpoint can initialise
+    them) extended with the image stream and the five pretraining objectives. transformers 5 configs are
+    typed dataclasses: every field below is validated on construction and saved in config.json."""
+
+    model_type = "item"
+
+    # --- text stream (vocab and special ids come from the tokenizer, see preset_config) ---
+    vocab_size: int | None = None  # WordPiece vocab size; must equal the tokenizer's
+    pad_token_id: int | None = None  # [PAD] id in the tokenizer
+    cls_token_id: int | None = None  # [CLS] id: its final state is the product embedding
+    sep_token_id: int | None = None  # [SEP] id, closes the title
+    mask_token_id: int | None = None  # [MASK] id used by MLM
+    max_title_len: int = 32  # title tokens incl. [CLS] and [SEP]; longer titles are truncated
+    # --- image stream ---
+    image_size: int = 64  # images are letterboxed to image_size x image_size RGB
+    patch_size: int = 8  # ViT-style square patches, linearly projected (no region detector)
+    num_channels: int = 3  # RGB
+    # --- masking (our choices) ---
+    mlm_probability: float = 0.15  # BERT's share of title tokens to predict (80/10/10 rule)
+    mim_probability: float = 0.25  # share of image patches replaced by a learned [MASK] patch
+    itm_swap_probability: float = 0.5  # share of rows whose image is swapped for ITM
+    # share of rows trained with one modality dropped, so that embedding a row with a missing image
+    # or an empty title is in-distribution
+    modality_dropout: float = 0.1
+    # --- objectives: each has an on/off switch and a weight (weights are our choices) ---
+    use_itm: bool = True  # image-text matching on [CLS]
+    use_mlm: bool = True  # masked language modelling from each masked slot's own state
+    use_mim: bool = True  # masked image modelling (normalised-pixel regression) per slot
+    use_global_mlm: bool = True  # masked words from [CLS] + slot position only
+    use_global_mim: bool = True  # masked patches from [CLS] + slot position only
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    mim_weight: float = 1.0
+    global_mlm_weight: float = 1.0
+    global_mim_weight: float = 1.0
+    # dropout off by default: the objectives' masking already regularises, and short CPU runs learn faster
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    # `model_version` of the weights saved with this config (set by save_model_dir)
+    model_version: str | None = None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.num_channels
+
+    def check(self) -> None:
+        """Fail early, naming the field and the fix, on a config that cannot build a model."""
+        missing = [name for name in _FROM_TOKENIZER if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"ItemConfig has no {', '.join(missing)}: these must come from the tokenizer. "
+                "Build the config with preset_config(name, tokenizer=...)."
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.max_title_len < 2:
+            raise ValueError("max_title_len must leave room for [CLS] and [SEP] (>= 2)")
+
+
+# Presets: name -> architecture. The names say the shape, as timm's do.
+PRESETS: dict[str, dict] = {
+    # tests: a forward pass in milliseconds
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, max_title_len=16,
+    ),
+    # trains on a 2-core CPU in minutes: 4 layers, 256 wide, 64 px images, 64 patches of 8 px
+    "small": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+        image_size=64, patch_size=8, max_title_len=32,
+    ),
+    # BERT-base encoder (12 x 768), ViT-B/16 image stream at 224 px: for GPU clusters
+    "base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        image_size=224, patch_size=16, max_title_len=48,
+    ),
+}
+
+# a name that reads like timm's, for logs and docs
+PRESET_NAMES = {"tiny": "item_tiny_patch8_32", "small": "item_small_patch8_64", "base": "item_base_patch16_224"}
+
+
+def preset_config(name: str, tokenizer, **overrides) -> ItemConfig:
+    """The config of preset `name`, with vocab size and special token ids read from `tokenizer`.
+
+    `overrides` replace any field (objective switches, weights, sizes), which is how ablations and
+    baselines are made.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+    }
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks {missing}: it needs [PAD], [CLS], [SEP] and [MASK] tokens")
+    config = ItemConfig(**{**PRESETS[name], **ids, **overrides})
+    config.check()
+    return config

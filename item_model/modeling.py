@@ -1,0 +1,269 @@
+"""The ITEm model: single-stream BERT over title tokens and raw image patches, read top to bottom.
+
+    [CLS] title tokens [SEP] | patch_1 ... patch_N      (one sequence, one shared BERT encoder)
+
+Embeddings, then the encoder (transformers' own BERT layers, so a BERT checkpoint can initialise them),
+then the model with its one public embedding call `encode`, then the pretraining heads and the
+forward pass that returns named losses. Liao et al., "ITEm: Unsupervised Image-Text Embedding
+Learning for eCommerce", arXiv 2311.02084.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertEncoder
+
+from . import objectives
+from .config import ItemConfig
+
+TEXT, IMAGE = 0, 1  # modality types
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """uint8 [B, S, S, C] -> normalised float patches [B, N, P*P*C], row-major over the patch grid."""
+    b, s, _, c = pixel_values.shape
+    g = s // patch_size
+    x = pixel_values.float().div(127.5).sub(1.0)  # [B, S, S, C] in [-1, 1]
+    x = x.reshape(b, g, patch_size, g, patch_size, c)  # [B, g, P, g, P, C]
+    x = x.permute(0, 1, 3, 2, 4, 5)  # [B, g, g, P, P, C]
+    return x.reshape(b, g * g, patch_size * patch_size * c)  # [B, N, P*P*C]
+
+
+class ItemEmbeddings(nn.Module):
+    """Token and patch embeddings, each with a position and a modality-type embedding."""
+
+    def __init__(self, config: ItemConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.patch_size = config.patch_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        self.text_position_embeddings = nn.Embedding(config.max_title_len, h)
+        self.patch_projection = nn.Linear(config.patch_dim, h)  # ViT's linear projection of raw patches
+        self.image_position_embeddings = nn.Embedding(config.num_patches, h)
+        self.mask_patch = nn.Parameter(torch.zeros(h))  # replaces a masked patch's projection (MIM)
+        self.modality_type_embeddings = nn.Embedding(2, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)  # BERT's name: checkpoints load into it
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        patches: torch.Tensor,  # [B, N, P*P*C] normalised pixels
+        patch_mask: torch.Tensor | None = None,  # [B, N] bool: patches hidden from the encoder (MIM)
+    ) -> torch.Tensor:
+        b, t = input_ids.shape
+        n = patches.shape[1]
+        device = input_ids.device
+
+        # text embeddings: word + position + modality type 0
+        text = self.word_embeddings(input_ids)  # [B, T, D]
+        text = text + self.text_position_embeddings(torch.arange(t, device=device))[None]
+        text = text + self.modality_type_embeddings.weight[TEXT]
+
+        # patch embeddings: linear projection of raw patches, masked ones replaced by [MASK] patch
+        image = self.patch_projection(patches)  # [B, N, D]
+        if patch_mask is not None:
+            image = torch.where(patch_mask[..., None], self.mask_patch.to(image.dtype), image)
+        image = image + self.image_position_embeddings(torch.arange(n, device=device))[None]
+        # modality type: 0 = text, 1 = image
+        image = image + self.modality_type_embeddings.weight[IMAGE]
+
+        # concatenate into one stream: [CLS] title [SEP] patches
+        return self.dropout(self.LayerNorm(torch.cat([text, image], dim=1)))  # [B, T+N, D]
+
+
+class GlobalHead(nn.Module):
+    """Predicts a masked slot from the [CLS] state and that slot's position embedding only.
+
+    This bottleneck is the paper's point: the slot's own hidden state is never an input, so the only
+    way to reconstruct a masked word or patch is to have put the information into [CLS].
+    """
+
+    def __init__(self, config: ItemConfig, out_dim: int) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.transform = nn.Sequential(nn.Linear(2 * h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps))
+        self.decoder = nn.Linear(h, out_dim)
+
+    def forward(self, cls_state: torch.Tensor, slot_position: torch.Tensor) -> torch.Tensor:
+        # cls_state [M, D]: the [CLS] state of each masked slot's row; slot_position [M, D]
+        return self.decoder(self.transform(torch.cat([cls_state, slot_position], dim=-1)))  # [M, out_dim]
+
+
+class ItemPretrainingHeads(nn.Module):
+    """The heads of the five objectives. Local heads read each slot's state; global ones only [CLS]."""
+
+    def __init__(self, config: ItemConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+
+        def slot_head(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps), nn.Linear(h, out_dim))
+
+        self.itm = nn.Linear(h, 2)
+        self.mlm = slot_head(config.vocab_size)
+        self.mim = slot_head(config.patch_dim)
+        self.global_mlm = GlobalHead(config, config.vocab_size)
+        self.global_mim = GlobalHead(config, config.patch_dim)
+
+
+class ItemModel(PreTrainedModel):
+    """ITEm: `encode` gives the product embedding; `forward` gives the pretraining losses."""
+
+    config_class = ItemConfig
+    base_model_prefix = "item"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(self, config: ItemConfig) -> None:
+        config.check()
+        super().__init__(config)
+        self.embeddings = ItemEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.heads = ItemPretrainingHeads(config)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ItemEmbeddings):
+            init.normal_(module.mask_patch, std=self.config.initializer_range)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.hidden_size
+
+    # --- phase 1: the encoder --------------------------------------------------------------------
+
+    def forward_encoder(
+        self,
+        input_ids: torch.Tensor,  # [B, T] int64
+        attention_mask: torch.Tensor,  # [B, T] 1 = real token
+        pixel_values: torch.Tensor,  # [B, S, S, 3] uint8
+        has_image: torch.Tensor,  # [B] bool; False = no image, its patches are not attended to
+        patch_mask: torch.Tensor | None = None,  # [B, N] bool, MIM only
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (final hidden states [B, T+N, D], the normalised patches [B, N, P*P*C])."""
+        patches = patchify(pixel_values, self.config.patch_size)  # [B, N, P*P*C]
+        embeddings = self.embeddings(input_ids, patches.to(self.dtype), patch_mask)  # [B, T+N, D]
+        n = patches.shape[1]
+        image_attention = has_image[:, None].expand(-1, n).to(attention_mask.dtype)  # [B, N]
+        mask = torch.cat([attention_mask, image_attention], dim=1)  # [B, T+N]
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=mask)
+        hidden = self.encoder(embeddings, attention_mask=mask).last_hidden_state  # [B, T+N, D]
+        return hidden, patches
+
+    # --- the public embedding call ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+    ) -> torch.Tensor:
+        """The product embedding: the L2-normalised final [CLS] state, [B, D] float32.
+
+        A row may lack a modality: `has_image=False`, or a title of just [CLS] [SEP].
+        """
+        hidden, _ = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image)
+        return F.normalize(hidden[:, 0].float(), dim=-1)
+
+    # --- phase 2: pretraining losses -------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One pretraining step's losses: {"itm", "mlm", "mim", "global_mlm", "global_mim", "loss"}.
+
+        One encoder pass serves all five objectives: titles are masked, patches are masked, and a share of
+        rows get another row's image (ITM negatives). MLM/MIM and their global variants are scored on
+        rows whose image was not swapped, so a mismatched pair never teaches reconstruction.
+        Disabled objectives are absent from the dict and cost nothing.
+        """
+        c = self.config
+        b, t = input_ids.shape
+        device = input_ids.device
+        has_title = attention_mask.sum(dim=1) > 2  # more than [CLS] [SEP]
+
+        # modality dropout: some rows lose their title or their image, as rows in the catalog do
+        if self.training and c.modality_dropout > 0:
+            drop = torch.rand(b, generator=generator, device=device) < c.modality_dropout
+            drop_image = drop & (torch.rand(b, generator=generator, device=device) < 0.5) & has_title
+            drop_title = drop & ~drop_image & has_image
+            has_image = has_image & ~drop_image
+            keep = (~drop_title)[:, None] | (torch.arange(t, device=device) == 0)[None]  # keep [CLS]
+            attention_mask = attention_mask * keep
+            input_ids = torch.where(keep.bool(), input_ids, torch.full_like(input_ids, c.pad_token_id))
+            has_title = has_title & ~drop_title
+
+        # ITM negatives: swap images between rows
+        swapped = torch.zeros(b, dtype=torch.bool, device=device)
+        if c.use_itm:
+            source, swapped = objectives.swap_images(has_image, has_title, c.itm_swap_probability, generator)
+            pixel_values, has_image = pixel_values[source], has_image[source]
+
+        # masking: title tokens for (global) MLM, patches for (global) MIM
+        words = (attention_mask.bool() & (input_ids != c.cls_token_id) & (input_ids != c.sep_token_id)
+                 & (input_ids != c.pad_token_id) & ~swapped[:, None])
+        labels = torch.full_like(input_ids, objectives.IGNORE)
+        if c.use_mlm or c.use_global_mlm:
+            input_ids, labels = objectives.mask_tokens(
+                input_ids, words, c.mlm_probability, c.mask_token_id, c.vocab_size, generator)
+        patch_mask = None
+        if c.use_mim or c.use_global_mim:
+            patch_mask = objectives.mask_patches(b, c.num_patches, c.mim_probability, has_image & ~swapped, generator)
+
+        hidden, patches = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image, patch_mask)
+        return self.forward_losses(hidden, patches, labels, patch_mask, swapped, has_image & has_title)
+
+    def forward_losses(
+        self,
+        hidden: torch.Tensor,  # [B, T+N, D]
+        patches: torch.Tensor,  # [B, N, P*P*C] the unmasked pixels: MIM targets
+        labels: torch.Tensor,  # [B, T] word ids to predict, IGNORE elsewhere
+        patch_mask: torch.Tensor | None,  # [B, N] bool masked patches (None: MIM off)
+        swapped: torch.Tensor,  # [B] bool, ITM negatives
+        itm_valid: torch.Tensor,  # [B] bool, rows with both modalities
+    ) -> dict[str, torch.Tensor]:
+        """The heads and their losses, computed at masked slots only (never over every position).
+
+        Local heads read the masked slot's own final state; global heads read the [CLS] state of the
+        slot's row and the slot's position embedding, nothing else.
+        """
+        c, heads, emb = self.config, self.heads, self.embeddings
+        t = labels.shape[1]
+        cls_state = hidden[:, 0]  # [B, D]
+        losses: dict[str, torch.Tensor] = {}
+        if c.use_itm:
+            losses["itm"] = objectives.itm_loss(heads.itm(cls_state), swapped, itm_valid)
+        rows, cols = (labels != objectives.IGNORE).nonzero(as_tuple=True)  # M masked words
+        words = labels[rows, cols]  # [M]
+        if c.use_mlm:
+            losses["mlm"] = objectives.mlm_loss(heads.mlm(hidden[rows, cols]), words)
+        if c.use_global_mlm:
+            slot = emb.text_position_embeddings.weight[cols]  # [M, D]
+            losses["global_mlm"] = objectives.mlm_loss(heads.global_mlm(cls_state[rows], slot), words)
+        if patch_mask is not None:
+            rows, cols = patch_mask.nonzero(as_tuple=True)  # M masked patches
+            targets = patches[rows, cols]  # [M, P*P*C]
+            if c.use_mim:
+                losses["mim"] = objectives.mim_loss(heads.mim(hidden[rows, t + cols]), targets)
+            if c.use_global_mim:
+                slot = emb.image_position_embeddings.weight[cols]  # [M, D]
+                losses["global_mim"] = objectives.mim_loss(heads.global_mim(cls_state[rows], slot), targets)
+        if not losses:
+            raise ValueError("every objective is switched off: enable at least one use_* in the config")
+        losses["loss"] = sum(getattr(c, f"{name}_weight") * value for name, value in losses.items())
+        return losses

@@ -1,0 +1,97 @@
+"""The five ITEm pretraining objectives as small pure functions: masking, then one loss each.
+
+Each loss takes predictions and targets and returns a scalar; the model decides which heads feed them.
+ITM, MLM and MIM are the local objectives (ViLT-style); global MLM and global MIM reuse the MLM/MIM
+losses on predictions made from the [CLS] state plus the slot's position only (see modeling.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label of a token that is not predicted
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,  # [B, T]
+    maskable: torch.Tensor,  # [B, T] bool: real title words (not [CLS]/[SEP]/[PAD])
+    probability: float,
+    mask_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick `probability` of the maskable tokens; of those 80% -> [MASK], 10% -> random,
+    10% unchanged. Returns (masked input_ids, labels with IGNORE where not picked)."""
+    rand = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    picked = (rand < probability) & maskable
+    labels = torch.where(picked, input_ids, torch.full_like(input_ids, IGNORE))
+    action = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
+    masked = torch.where(picked & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels
+
+
+def mask_patches(
+    batch_size: int,
+    num_patches: int,
+    probability: float,
+    has_image: torch.Tensor,  # [B] bool
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Exactly round(probability * N) random patches per image row (MAE-style shuffle); [B, N] bool."""
+    n_mask = int(round(probability * num_patches))
+    noise = torch.rand(batch_size, num_patches, generator=generator, device=has_image.device)
+    ranks = noise.argsort(dim=1).argsort(dim=1)  # each patch's rank in a random permutation
+    return (ranks < n_mask) & has_image[:, None]
+
+
+def swap_images(has_image: torch.Tensor, has_title: torch.Tensor, probability: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose rows whose image is replaced by another row's (ITM negatives).
+
+    Only rows with both modalities take part. Returns (source row index per row [B], swapped [B] bool);
+    a swapped row takes the image of the next eligible row, which is another product's.
+    """
+    eligible = has_image & has_title
+    idx = torch.arange(has_image.shape[0], device=has_image.device)
+    swapped = eligible & (torch.rand(has_image.shape, generator=generator, device=has_image.device) < probability)
+    candidates = idx[eligible]
+    source = idx.clone()
+    if candidates.numel() >= 2:
+        # rotate the eligible rows by one: row i gets the image of the next eligible row
+        rolled = candidates.roll(-1)
+        source[candidates] = torch.where(swapped[candidates], rolled, candidates)
+    else:
+        swapped = torch.zeros_like(swapped)
+    return source, swapped
+
+
+def itm_loss(logits: torch.Tensor, swapped: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Image-text matching: 2-way cross-entropy on [CLS]; class 1 = the image belongs to the title."""
+    if not valid.any():
+        return logits.sum() * 0.0
+    target = (~swapped).long()
+    return F.cross_entropy(logits[valid], target[valid])
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the vocabulary. logits [M, V] at the M picked slots, targets [M] word ids."""
+    if targets.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets)
+
+
+def patch_targets(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's normalised-pixel targets: each patch standardised by its own mean and variance."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps) ** 0.5
+
+
+def mim_loss(pred: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """Mean squared error against normalised pixels (MAE). pred, patches [M, P*P*C] at the M masked patches."""
+    if patches.numel() == 0:
+        return pred.sum() * 0.0
+    return ((pred.float() - patch_targets(patches.float())) ** 2).mean()
