@@ -81,7 +81,7 @@ def decode_image(data: bytes | None, size: int) -> np.ndarray:
     except UnidentifiedImageError as e:
         raise ImageDecodeError("undecodable", str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "truncated" if "truncated" in str(e) or isinstance(e, EOFError) else "undecodable"
+        reason = "truncated" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "undecodable"
         raise ImageDecodeError(reason, str(e)) from None
     return _letterbox(_to_rgb(im), size)
 
