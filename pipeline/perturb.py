@@ -53,7 +53,7 @@ CASE_STYLES: tuple[str, ...] = ("lower", "upper", "title")
 class RelistConfig:
     """Strengths of every perturbation; `RelistConfig.identity()` turns them all off."""
 
-    apply_prob: float = 1.0  # chance each selected perturbation is applied; <1 models sellers who change only some things
+    apply_prob: float = 1.0  # chance each selected perturbation is applied (<1: sellers change only some things)
     # image family
     pad_max: float = 0.15  # max padding added on each side, as a fraction of that side (new background + shift)
     rotation_max_deg: float = 8.0  # max absolute rotation in degrees
@@ -286,11 +286,14 @@ def relist(
     The title is perturbed before the image, so both draw from `rng` in a fixed order.
     """
     names = _expand(families)
-    unknown = sorted(set(names) - set(IMAGE_PERTURBATIONS) - set(TITLE_PERTURBATIONS))
+    known = [*FAMILIES, *IMAGE_PERTURBATIONS, *TITLE_PERTURBATIONS]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"unknown perturbation(s) {unknown}; choose from {[*FAMILIES, *IMAGE_PERTURBATIONS, *TITLE_PERTURBATIONS]}")
-    new_title = relist_title(title, rng, cfg, [n for n in names if n in TITLE_PERTURBATIONS])
-    new_image = None if image is None else relist_image(image, rng, cfg, [n for n in names if n in IMAGE_PERTURBATIONS])
+        raise ValueError(f"unknown perturbation(s) {unknown}; choose from {known}")
+    title_names = [n for n in names if n in TITLE_PERTURBATIONS]
+    image_names = [n for n in names if n in IMAGE_PERTURBATIONS]
+    new_title = relist_title(title, rng, cfg, title_names)
+    new_image = None if image is None else relist_image(image, rng, cfg, image_names)
     return new_title, new_image
 
 
