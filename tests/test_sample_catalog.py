@@ -1,4 +1,4 @@
-"""Tests for the sample catalog generator."""
+"""Tests for the sample catalog generator and its `make-sample-catalog` command."""
 
 import io
 import os
@@ -6,8 +6,10 @@ from collections import defaultdict
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.sample_catalog import (
     CATEGORIES,
     DEFECTS,
@@ -136,3 +138,21 @@ def test_write_single_file_and_part_directory(tmp_path):
     assert pq.read_table(parts).equals(table)
     with pytest.raises(FileExistsError, match="already exists"):
         write_sample_catalog(str(single), 60, seed=2)
+
+
+def test_cli_writes_a_readable_catalog(tmp_path):
+    out = tmp_path / "catalog.parquet"
+    result = CliRunner().invoke(main, ["make-sample-catalog", str(out), "--items", "60", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output and "60 rows" in result.output
+    assert pq.read_table(out).num_rows == 60
+    again = CliRunner().invoke(main, ["make-sample-catalog", str(out), "--items", "60"])
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--help"]).exit_code == 0
+    for name in main.commands:
+        result = runner.invoke(main, [name, "--help"])
+        assert result.exit_code == 0 and "Example" in result.output, name
