@@ -235,3 +235,20 @@ def test_s3_round_trip(ray_local, s3_env, catalog, tiny_model_dir) -> None:
     assert total == manifest["embedded"] and manifest["rows_in"] == CATALOG_ROWS
     assert fs.exists(f"embed-test/out/{REJECTS_DIR}/part-00000.parquet")
     assert not [p for p in fs.ls("embed-test") if ".staging-" in p]
+
+
+def test_cli_embed_help_and_errors(tiny_model_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["embed", "--help"]).output
+    for option in ("--batch-size", "--concurrency", "--gpu", "--previous", "--column-map", "--overwrite"):
+        assert option in help_text
+    assert "Example:" in help_text
+    pq.write_table(pa.table({"item_id": ["1"], "title": ["a"]}), tmp_path / "c.parquet")
+    result = runner.invoke(main, ["embed", str(tmp_path / "c.parquet"), tiny_model_dir, str(tmp_path / "o")])
+    assert result.exit_code == 1 and "image_uri=NAME" in result.output  # fails before ray.init
+    result = runner.invoke(main, ["embed", str(tmp_path / "c.parquet"), tiny_model_dir, "o", "--column-map", "x=y"])
+    assert result.exit_code == 1 and "unknown" in result.output
