@@ -199,7 +199,8 @@ def _preprocess_task(batch: pa.Table, *, key: str, model_dir: str, columns: Colu
 
     if key not in _PREPROCESS_CACHE:
         drop_ids, previous = ray.get(lookups) if isinstance(lookups, ray.ObjectRef) else lookups
-        _PREPROCESS_CACHE.clear()
+        if len(_PREPROCESS_CACHE) >= 4:  # a long-lived worker serves several jobs: keep the last few
+            _PREPROCESS_CACHE.pop(next(iter(_PREPROCESS_CACHE)))
         _PREPROCESS_CACHE[key] = Preprocess(model_dir, columns, drop_ids, previous)
     return _PREPROCESS_CACHE[key](batch)
 
