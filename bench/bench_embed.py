@@ -3,8 +3,9 @@ already-decoded batches, in one process run with the same torch thread count.
 
     python -m bench.bench_embed /work/shared/data/fashion-dev.parquet --preset small --rows 5000
 
-(a) bare: decode every row once with the processor, then time `model.encode` over the batches in a plain
-    loop (torch.set_num_threads(--encode-threads), inference mode) -- the ceiling for the job;
+(a) bare: decode every row once with the processor, then time the forward over the batches in a plain
+    loop (`Encoder.encode`: model.encode under inference mode, --encode-threads torch threads, or cuda +
+    bf16 with --num-gpus) -- the ceiling for the job;
 (b) job: `run_embed` end to end (read, validate, decode/tokenise tasks, encode actor, write, publish) on
     the same rows and the same model dir, wall clock from the call to the published manifest.
 Prints items/s for both, their ratio, and where the job's time went (from its manifest).
@@ -18,14 +19,13 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
 
-from item_model import ItemModel, ItemProcessor, load_model_dir, preset_config, save_model_dir, train_tokenizer
+from item_model import ItemModel, ItemProcessor, preset_config, save_model_dir, train_tokenizer
 from pipeline.catalog import open_dataset
-from pipeline.embed import EmbedOptions, run_embed, summary_line
+from pipeline.embed import EmbedOptions, Encoder, run_embed, summary_line
 
 
 def make_model_dir(titles: list[str], preset: str, directory: str) -> str:
@@ -38,19 +38,20 @@ def make_model_dir(titles: list[str], preset: str, directory: str) -> str:
     return directory
 
 
-def bare_forward(model_dir: str, titles: list, images: list, batch_size: int, threads: int) -> tuple[float, float]:
-    """(decode seconds, encode seconds) of the plain loop: decode all rows once, then encode them."""
-    torch.set_num_threads(threads)
-    model, processor = load_model_dir(model_dir, "cpu")
+def bare_forward(model_dir: str, titles: list, images: list, batch_size: int, threads: int, device: str) -> tuple[float, float]:
+    """(decode seconds, encode seconds) of the plain loop: decode all rows once, then encode them with the
+    job's own `Encoder.encode` (same device, dtype and copies as the job; no Ray)."""
+    encoder = Encoder(model_dir, device=device, num_threads=threads)
+    processor = ItemProcessor.from_pretrained(model_dir)
     start = time.perf_counter()
     batches = [processor(titles[i:i + batch_size], images[i:i + batch_size]) for i in range(0, len(titles), batch_size)]
     decode_s = time.perf_counter() - start
-    keys = ("input_ids", "attention_mask", "pixel_values", "has_image")
-    with torch.inference_mode():
-        model.encode(**{k: torch.from_numpy(batches[0][k]) for k in keys})  # warm-up
-        start = time.perf_counter()
-        for b in batches:
-            model.encode(**{k: torch.from_numpy(b[k]) for k in keys})
+    encoder.encode(batches[0])  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches:
+        encoder.encode(b)  # returns numpy: the device work is finished when it returns
     return decode_s, time.perf_counter() - start
 
 
@@ -73,7 +74,8 @@ def main() -> None:
     titles, images = table.column("title").to_pylist(), table.column("image").to_pylist()
     model_dir = make_model_dir(titles, args.preset, os.path.join(work, "model"))
 
-    decode_s, encode_s = bare_forward(model_dir, titles, images, args.batch_size, args.encode_threads)
+    decode_s, encode_s = bare_forward(model_dir, titles, images, args.batch_size, args.encode_threads,
+                                      "cuda" if args.num_gpus > 0 else "cpu")
     bare_rate = len(titles) / encode_s
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)

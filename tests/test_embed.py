@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from item_model import ItemProcessor, load_model_dir
+from item_model import load_model_dir
 from pipeline import storage
 from pipeline.catalog import CatalogSchemaError, ColumnMap
 from pipeline.embed import REJECTS_DIR, Encoder, EmbedOptions, Preprocess, run_embed
