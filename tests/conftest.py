@@ -29,6 +29,7 @@ class Catalog:
     vectors: np.ndarray  # [N, D] float32, L2-normalised
     category: np.ndarray  # [N] object: true category of every item
     group_id: np.ndarray  # [N] object: duplicate group, None for items without duplicates
+    ambiguous: np.ndarray  # [N] bool: halfway between two categories
 
 
 def make_catalog(n: int = 3000, d: int = 32, n_categories: int = 8, n_groups: int = 150, seed: int = 0) -> Catalog:
@@ -36,8 +37,13 @@ def make_catalog(n: int = 3000, d: int = 32, n_categories: int = 8, n_groups: in
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_categories, d)).astype(np.float32)
     cat = rng.integers(0, n_categories, size=n)
-    # items spread around their category centre (spread > centre distance would make categories unlearnable)
+    # items spread around their category centre; a tenth sit halfway to another category's centre, where a
+    # neighbour vote is split and backfill should abstain
     vectors = centres[cat] + 0.55 * rng.standard_normal((n, d)).astype(np.float32)
+    ambiguous = rng.random(n) < 0.1
+    ambiguous[: 3 * n_groups] = False  # duplicate groups are clear members of their category
+    other = (cat + rng.integers(1, n_categories, size=n)) % n_categories
+    vectors[ambiguous] = 0.5 * (vectors[ambiguous] + centres[other[ambiguous]])
     group = np.full(n, None, dtype=object)
     for g in range(n_groups):
         rows = np.arange(3 * g, 3 * g + 3)
@@ -47,7 +53,8 @@ def make_catalog(n: int = 3000, d: int = 32, n_categories: int = 8, n_groups: in
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     order = rng.permutation(n)  # groups are not in adjacent rows
     ids = np.array([f"item-{i:06d}" for i in range(n)], dtype=object)
-    return Catalog(ids, vectors[order], np.array([f"cat{c}" for c in cat], dtype=object)[order], group[order])
+    labels = np.array([f"cat{c}" for c in cat], dtype=object)
+    return Catalog(ids, vectors[order], labels[order], group[order], ambiguous[order])
 
 
 def write_embedding_table(uri: str, ids: np.ndarray, vectors: np.ndarray, n_files: int = 2) -> None:
