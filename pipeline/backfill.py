@@ -177,7 +177,7 @@ def backfill_categories(
         got = rows["predicted_category"].notna().to_numpy()
         report["fill_accuracy"] = float((rows["predicted_category"].to_numpy(dtype=object)[got] == truth[got]).mean()) if got.any() else None
     labelled = catalog.loc[catalog["category"].notna(), "item_id"].to_numpy(dtype=object)
-    if len(labelled):
+    if eval_sample > 0 and len(labelled):
         sample = np.random.default_rng(seed).permutation(labelled)[:eval_sample]
         s_ids, s_vectors, _ = read_embedding_table(embeddings_uri, item_ids=sample)
         report["leave_one_out"] = leave_one_out_eval(index, s_ids, s_vectors, labels, k)

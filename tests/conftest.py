@@ -88,3 +88,13 @@ def embeddings_uri(tmp_path_factory, catalog) -> str:
     uri = str(tmp_path_factory.mktemp("emb") / "embeddings")
     write_embedding_table(uri, catalog.item_ids, catalog.vectors)
     return uri
+
+
+@pytest.fixture(scope="session")
+def ivf_index_uri(tmp_path_factory, embeddings_uri, ray_local) -> str:
+    """An approximate index (IVF, tuned nprobe) over the generated catalog, 3 shards."""
+    from pipeline.index_build import IndexBuildConfig, build_index
+
+    uri = str(tmp_path_factory.mktemp("idx") / "ivf")
+    build_index(embeddings_uri, uri, IndexBuildConfig(n_shards=3, spec="IVF64,Flat", n_eval_queries=300, n_tune_queries=200))
+    return uri
