@@ -9,6 +9,7 @@ baseline's queries/s and the recall are measured on a seeded sample of queries (
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import platform
 import resource
@@ -32,12 +33,14 @@ ROWS_PER_FILE = 200_000
 
 
 def generate(n: int, d: int, seed: int, dup_share: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Item ids and L2-normalised vectors: n/100 clusters of varied, overlapping spread, `dup_share` of
-    items being near-duplicates (small noise) of another item. Not uniform noise: real embeddings cluster."""
+    """Item ids and L2-normalised vectors: n/1000 Gaussian clusters of varied spread, `dup_share` of items
+    being near-duplicates (small noise) of another item. Not uniform noise: real embeddings cluster; within
+    a cluster the points are isotropic, so an IVF list splits a cluster and must be probed with its
+    neighbours (uniform noise at this dimension would make every point nearly equidistant)."""
     rng = np.random.default_rng(seed)
-    n_clusters = max(10, n // 100)
+    n_clusters = max(10, n // 1000)
     centres = rng.standard_normal((n_clusters, d)).astype(np.float32)
-    spread = rng.uniform(0.6, 1.4, size=n_clusters).astype(np.float32)
+    spread = rng.uniform(0.5, 1.2, size=n_clusters).astype(np.float32)
     vectors = np.empty((n, d), np.float32)
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
@@ -98,6 +101,7 @@ def main(dim, n, shards, memory_budget, exact_queries, index_queries, dedup_k, d
     del vectors
     print(f"generated and wrote {n} x {dim} in {time.perf_counter() - t:.1f} s", flush=True)
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ray.init(include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()
     manifest = build_index(emb, idx, IndexBuildConfig(n_shards=shards, memory_budget_bytes=parse_bytes(memory_budget), seed=seed))
@@ -132,7 +136,7 @@ def main(dim, n, shards, memory_budget, exact_queries, index_queries, dedup_k, d
     dedup_s = time.perf_counter() - t
 
     table = [
-        ("data", f"{n:,} x {dim} clustered ({max(10, n // 100):,} clusters, 5% near-duplicates), seed {seed}"),
+        ("data", f"{n:,} x {dim} clustered ({max(10, n // 1000):,} clusters, 5% near-duplicates), seed {seed}"),
         ("machine", f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, FAISS threads {threads}"),
         ("index (auto, budget " + memory_budget + ")", f"`{manifest['spec']}` x {shards} shards, {manifest['search_params']}"),
         ("build time (read, train, fill, tune, eval)", f"{build_s:.1f} s ({manifest['timings']})"),

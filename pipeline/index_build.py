@@ -49,6 +49,7 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
     n, d = vectors.shape
     _check_input(ids, vectors, config)
     timings["read_s"] = time.perf_counter() - start
+    log.info("read %d vectors of dim %d in %.1f s", n, d, timings["read_s"])
 
     rng = np.random.default_rng(config.seed)
     spec = ix.choose_index_spec(n, d, config.memory_budget_bytes) if config.spec == "auto" else config.spec
@@ -61,17 +62,20 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
     trained = ix.train_empty_index(spec, sample, config.seed)
     del sample
     timings["train_s"] = time.perf_counter() - step
+    log.info("trained %s in %.1f s", spec, timings["train_s"])
 
     with storage.staging(out_uri) as stage:
         step = time.perf_counter()
         shards = _fill_shards(trained, vectors, ids, stage, config.n_shards)
         timings["fill_s"] = time.perf_counter() - step
+        log.info("filled %d shards in %.1f s", len(shards), timings["fill_s"])
 
         step = time.perf_counter()
         index = ix.ShardedIndex.open(stage, shards, d, spec, {})
         tune_truth = ix.exact_neighbours(vectors[tune_rows], vectors, ids)
         params, trials = ix.tune_search_param(index, vectors[tune_rows], tune_truth, config.min_recall)
         timings["tune_s"] = time.perf_counter() - step
+        log.info("tuned %s in %.1f s: %s", params, timings["tune_s"], trials)
 
         eval_truth = ix.exact_neighbours(vectors[eval_rows], vectors, ids)
         _, found = index.search(vectors[eval_rows], ix.RECALL_K)

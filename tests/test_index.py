@@ -99,6 +99,18 @@ def test_build_under_min_recall_fails_and_publishes_nothing(tmp_path, embeddings
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_auto_under_a_tight_budget_builds_fast_scan_pq_with_exact_rerank(tmp_path, embeddings_uri, catalog, ray_local):
+    out = str(tmp_path / "pq")
+    args = ["build-index", embeddings_uri, out, "--shards", "2", "--memory-budget", "100KiB", "--eval-queries", "200"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = storage.read_manifest(out)
+    assert manifest["spec"].endswith("x4fs,RFlat") and manifest["recall_at_10"] >= 0.95
+    assert "k_factor" in manifest["search_params"]
+    _, found = ShardedIndex.load(out).search(catalog.vectors[:200], 10)
+    assert (found[:, 0] == catalog.item_ids[:200]).all()  # re-ranking separates near-duplicates
+
+
 def _damaged_copy(src: str, dst: str) -> str:
     shutil.copytree(src, dst)
     return dst
