@@ -416,7 +416,8 @@ def tune_search_param(
         index.set_search_params(params)
         return params, trials
     best = max(trials, key=lambda t: t["recall"])
+    best_params = ", ".join(f"{n}={v}" for n, v in best.items() if n not in ("recall", "qps")) or "exact"
     raise RecallTooLowError(
-        f"the index reaches recall@{k} {best['recall']:.3f} at best ({best}), under the required "
+        f"the index reaches recall@{k} {best['recall']:.3f} at best ({best_params}), under the required "
         f"{min_recall}. Use a less compressed index (--index, or a larger --memory-budget), or lower --min-recall."
     )

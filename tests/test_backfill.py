@@ -1,4 +1,4 @@
-"""Category backfill: the vote, fills and abstentions on a generated catalog, leave-one-out curve, the CLI."""
+"""Category backfill: the vote, fills and abstentions on a generated index_catalog, leave-one-out curve, the CLI."""
 
 from __future__ import annotations
 
@@ -23,26 +23,26 @@ def test_vote_is_similarity_weighted_and_ignores_unlabelled():
 
 
 @pytest.fixture(scope="module")
-def labelled_catalog(catalog) -> pd.DataFrame:
+def labelled_catalog(index_catalog) -> pd.DataFrame:
     """The generated catalog with a random tenth of its categories hidden (true_category kept aside)."""
-    hidden = np.random.default_rng(1).random(len(catalog.item_ids)) < 0.1
+    hidden = np.random.default_rng(1).random(len(index_catalog.item_ids)) < 0.1
     return pd.DataFrame(
-        {"item_id": catalog.item_ids, "category": np.where(hidden, None, catalog.category), "true_category": catalog.category}
+        {"item_id": index_catalog.item_ids, "category": np.where(hidden, None, index_catalog.category), "true_category": index_catalog.category}
     )
 
 
-def test_backfill_fills_mostly_correctly_and_abstains_when_unsure(ivf_index_uri, embeddings_uri, labelled_catalog, catalog):
+def test_backfill_fills_mostly_correctly_and_abstains_when_unsure(ivf_index_uri, embeddings_uri, labelled_catalog, index_catalog):
     rows, report = backfill_categories(ivf_index_uri, embeddings_uri, labelled_catalog, k=10, min_confidence=0.6)
     hidden = labelled_catalog.loc[labelled_catalog["category"].isna(), "item_id"]
     assert set(rows["item_id"]) == set(hidden) and report["n_unlabelled"] == len(hidden)
     assert report["n_filled"] + report["n_unfilled"] == len(hidden) and report["n_no_embedding"] == 0
-    truth = dict(zip(catalog.item_ids, catalog.category))
+    truth = dict(zip(index_catalog.item_ids, index_catalog.category))
     filled = rows.dropna(subset=["predicted_category"])
     assert (filled["predicted_category"] == filled["item_id"].map(truth)).mean() >= 0.95
     assert report["fill_accuracy"] >= 0.95
     # it abstains, and only where the item sits between two categories
     unfilled = rows[rows["predicted_category"].isna()]
-    ambiguous = dict(zip(catalog.item_ids, catalog.ambiguous))
+    ambiguous = dict(zip(index_catalog.item_ids, index_catalog.ambiguous))
     assert len(unfilled) >= 3 and unfilled["item_id"].map(ambiguous).mean() >= 0.8
     assert (unfilled["confidence"] < 0.6).all() and (filled["confidence"] >= 0.6).all()
 
@@ -58,7 +58,7 @@ def test_leave_one_out_precision_rises_as_coverage_falls(ivf_index_uri, embeddin
 
 
 def test_backfill_cli_publishes_rows_report_and_plot(tmp_path, ivf_index_uri, embeddings_uri, labelled_catalog):
-    catalog_path = tmp_path / "catalog.parquet"
+    catalog_path = tmp_path / "index_catalog.parquet"
     labelled_catalog.to_parquet(catalog_path)
     out = str(tmp_path / "backfill")
     args = ["backfill-categories", ivf_index_uri, embeddings_uri, str(catalog_path), out, "--min-confidence", "0.7", "--plot"]

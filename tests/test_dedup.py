@@ -12,16 +12,16 @@ from pipeline.cli import main
 from pipeline.dedup import NeighbourPairs, calibrate_threshold, cluster_pairs, find_duplicate_pairs
 
 
-def _groups(catalog) -> dict[str, set[str]]:
-    frame = pd.DataFrame({"item_id": catalog.item_ids, "group": catalog.group_id}).dropna()
+def _groups(index_catalog) -> dict[str, set[str]]:
+    frame = pd.DataFrame({"item_id": index_catalog.item_ids, "group": index_catalog.group_id}).dropna()
     return {g: set(rows) for g, rows in frame.groupby("group")["item_id"]}
 
 
-def test_neighbour_pairs_on_a_plain_batch(ivf_index_uri, catalog):
+def test_neighbour_pairs_on_a_plain_batch(ivf_index_uri, index_catalog):
     fn = NeighbourPairs(ivf_index_uri, k=5, threshold=0.99)
-    member = next(iter(_groups(catalog).values()))
-    rows = [i for i, item in enumerate(catalog.item_ids) if item in member]
-    out = fn({"item_id": catalog.item_ids[rows], "embedding": catalog.vectors[rows]}).to_pandas()
+    member = next(iter(_groups(index_catalog).values()))
+    rows = [i for i, item in enumerate(index_catalog.item_ids) if item in member]
+    out = fn({"item_id": index_catalog.item_ids[rows], "embedding": index_catalog.vectors[rows]}).to_pandas()
     pairs = set(zip(out["item_id"], out["dup_item_id"]))
     a, b, c = sorted(member)
     assert {(a, b), (a, c), (b, c)} <= pairs  # each found from both sides, always as (smaller, larger)
@@ -40,20 +40,20 @@ def candidates(ivf_index_uri, embeddings_uri):
     return find_duplicate_pairs(ivf_index_uri, embeddings_uri, k=5, threshold=-1.0, batch_size=700)
 
 
-def test_duplicate_groups_come_back_as_clusters(candidates, catalog):
+def test_duplicate_groups_come_back_as_clusters(candidates, index_catalog):
     assert not candidates.duplicated(["item_id", "dup_item_id"]).any()
     assert (candidates["item_id"] < candidates["dup_item_id"]).all()
     pairs = candidates[candidates["score"] >= 0.99]
     clusters = cluster_pairs(pairs)
     found = [set(m) for _, m in clusters.groupby("cluster_id")["item_id"]]
-    truth = list(_groups(catalog).values())
+    truth = list(_groups(index_catalog).values())
     exact = sum(1 for c in found if c in truth)
     assert exact / len(found) >= 0.95  # precision: clusters that are exactly a generated group
     assert exact / len(truth) >= 0.95  # and most groups are found whole
 
 
-def test_calibrated_threshold_reaches_the_precision(candidates, catalog):
-    group_of = pd.Series(catalog.group_id, index=catalog.item_ids)
+def test_calibrated_threshold_reaches_the_precision(candidates, index_catalog):
+    group_of = pd.Series(index_catalog.group_id, index=index_catalog.item_ids)
     threshold, precision, kept = calibrate_threshold(candidates, group_of, 0.9)
     above = candidates[candidates["score"] >= threshold]
     same = above["item_id"].map(group_of) == above["dup_item_id"].map(group_of)
@@ -61,9 +61,9 @@ def test_calibrated_threshold_reaches_the_precision(candidates, catalog):
     assert same.sum() >= 0.95 * 3 * 150  # and it keeps nearly all 450 true pairs
 
 
-def test_dedup_cli_calibrates_and_publishes_pairs_and_clusters(tmp_path, ivf_index_uri, embeddings_uri, catalog):
-    catalog_path = tmp_path / "catalog.parquet"
-    pd.DataFrame({"item_id": catalog.item_ids, "group_id": catalog.group_id, "category": None}).to_parquet(catalog_path)
+def test_dedup_cli_calibrates_and_publishes_pairs_and_clusters(tmp_path, ivf_index_uri, embeddings_uri, index_catalog):
+    catalog_path = tmp_path / "index_catalog.parquet"
+    pd.DataFrame({"item_id": index_catalog.item_ids, "group_id": index_catalog.group_id, "category": None}).to_parquet(catalog_path)
     out = str(tmp_path / "dups")
     args = ["dedup", ivf_index_uri, embeddings_uri, out, "--k", "5", "--catalog", str(catalog_path), "--calibrate-precision", "0.9"]
     result = CliRunner().invoke(main, args)

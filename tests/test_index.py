@@ -19,6 +19,7 @@ from pipeline.index import (
     choose_index_spec,
     measure_recall,
     shard_of,
+    write_index,
 )
 from pipeline.index_build import IndexBuildConfig, build_index
 
@@ -43,35 +44,35 @@ def test_shard_assignment_is_stable_and_spread():
     assert np.bincount(shards, minlength=4).min() > 800
 
 
-def test_each_item_is_its_own_nearest_neighbour(ivf_index_uri, catalog):
+def test_each_item_is_its_own_nearest_neighbour(ivf_index_uri, index_catalog):
     index = ShardedIndex.load(ivf_index_uri)
-    assert index.ntotal == len(catalog.item_ids)
-    scores, found = index.search(catalog.vectors, 1)
-    assert (found[:, 0] == catalog.item_ids).all()
+    assert index.ntotal == len(index_catalog.item_ids)
+    scores, found = index.search(index_catalog.vectors, 1)
+    assert (found[:, 0] == index_catalog.item_ids).all()
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-4)
 
 
-def test_manifest_records_spec_recall_and_shards(ivf_index_uri, catalog):
+def test_manifest_records_spec_recall_and_shards(ivf_index_uri, index_catalog):
     m = storage.read_manifest(ivf_index_uri)
     assert m["metric"] == "inner_product" and m["dim"] == 32 and m["model_version"] == "test-model-v1"
     assert m["spec"] == "IVF64,Flat" and len(m["shards"]) == 3
-    assert sum(s["n_vectors"] for s in m["shards"]) == len(catalog.item_ids)
+    assert sum(s["n_vectors"] for s in m["shards"]) == len(index_catalog.item_ids)
     assert m["recall_at_10"] >= 0.95 and m["n_queries"] == 300
     assert 1 <= m["search_params"]["nprobe"] <= 64
     assert all(os.path.exists(os.path.join(ivf_index_uri, s["faiss"])) for s in m["shards"])
 
 
-def test_sharded_index_returns_the_exact_top_k(tmp_path, embeddings_uri, catalog, ray_local):
+def test_sharded_index_returns_the_exact_top_k(tmp_path, embeddings_uri, index_catalog, ray_local):
     uri = str(tmp_path / "flat")
     build_index(embeddings_uri, uri, IndexBuildConfig(n_shards=4, spec="Flat", n_eval_queries=100, n_tune_queries=50))
-    queries = catalog.vectors[::37]
+    queries = index_catalog.vectors[::37]
     scores, found = ShardedIndex.load(uri).search(queries, 10)
     exact = faiss.IndexFlatIP(32)
-    exact.add(catalog.vectors)
+    exact.add(index_catalog.vectors)
     true_scores, rows = exact.search(queries, 10)
     np.testing.assert_allclose(scores, true_scores, atol=1e-5)
-    assert (found == catalog.item_ids[rows]).mean() > 0.99  # equal scores may swap places
-    assert measure_recall(found, catalog.item_ids[rows]) > 0.99
+    assert (found == index_catalog.item_ids[rows]).mean() > 0.99  # equal scores may swap places
+    assert measure_recall(found, index_catalog.item_ids[rows]) > 0.99
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path, embeddings_uri, ray_local):
@@ -86,20 +87,20 @@ def test_build_is_deterministic_for_a_seed(tmp_path, embeddings_uri, ray_local):
 
 def test_build_under_min_recall_fails_and_publishes_nothing(tmp_path, embeddings_uri, ray_local):
     out = str(tmp_path / "weak")
-    # plain 4-byte PQ codes cannot rank near neighbours of 32-d vectors well enough for recall 0.99
-    config = IndexBuildConfig(n_shards=2, spec="IVF16,PQ4", min_recall=0.99, n_eval_queries=100, n_tune_queries=100)
+    # plain 2-byte PQ codes cannot rank near neighbours of 32-d vectors well enough for recall 0.99
+    config = IndexBuildConfig(n_shards=2, spec="IVF16,PQ4x4", min_recall=0.99, n_eval_queries=100, n_tune_queries=100)
     with pytest.raises(RecallTooLowError, match="recall@10"):
         build_index(embeddings_uri, out, config)
     assert os.listdir(tmp_path) == []  # neither the index nor its staging dir
 
     result = CliRunner().invoke(
-        main, ["build-index", embeddings_uri, out, "--shards", "2", "--index", "IVF16,PQ4", "--min-recall", "0.99"]
+        main, ["build-index", embeddings_uri, out, "--shards", "2", "--index", "IVF16,PQ4x4", "--min-recall", "0.99"]
     )
     assert result.exit_code == 1 and "recall@10" in result.output and "Traceback" not in result.output
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_auto_under_a_tight_budget_builds_fast_scan_pq_with_exact_rerank(tmp_path, embeddings_uri, catalog, ray_local):
+def test_cli_auto_under_a_tight_budget_builds_fast_scan_pq_with_exact_rerank(tmp_path, embeddings_uri, index_catalog, ray_local):
     out = str(tmp_path / "pq")
     args = ["build-index", embeddings_uri, out, "--shards", "2", "--memory-budget", "100KiB", "--eval-queries", "200"]
     result = CliRunner().invoke(main, args)
@@ -107,8 +108,8 @@ def test_cli_auto_under_a_tight_budget_builds_fast_scan_pq_with_exact_rerank(tmp
     manifest = storage.read_manifest(out)
     assert manifest["spec"].endswith("x4fs,RFlat") and manifest["recall_at_10"] >= 0.95
     assert "k_factor" in manifest["search_params"]
-    _, found = ShardedIndex.load(out).search(catalog.vectors[:200], 10)
-    assert (found[:, 0] == catalog.item_ids[:200]).all()  # re-ranking separates near-duplicates
+    _, found = ShardedIndex.load(out).search(index_catalog.vectors[:200], 10)
+    assert (found[:, 0] == index_catalog.item_ids[:200]).all()  # re-ranking separates near-duplicates
 
 
 def _damaged_copy(src: str, dst: str) -> str:
@@ -133,16 +134,16 @@ def test_corrupt_or_missing_shard_files_give_a_clear_error(tmp_path, ivf_index_u
     assert result.exit_code == 1 and "is missing" in result.output and "Traceback" not in result.output
 
 
-def test_search_cli_by_item_id_and_vector_file(tmp_path, ivf_index_uri, catalog):
-    result = CliRunner().invoke(main, ["search", ivf_index_uri, "--item-id", catalog.item_ids[5], "--k", "3"])
+def test_search_cli_by_item_id_and_vector_file(tmp_path, ivf_index_uri, index_catalog):
+    result = CliRunner().invoke(main, ["search", ivf_index_uri, "--item-id", index_catalog.item_ids[5], "--k", "3"])
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0].split("\t")
-    assert first[:3] == ["0", "1", catalog.item_ids[5]]
+    assert first[:3] == ["0", "1", index_catalog.item_ids[5]]
 
-    np.save(tmp_path / "q.npy", catalog.vectors[7])
+    np.save(tmp_path / "q.npy", index_catalog.vectors[7])
     result = CliRunner().invoke(main, ["search", ivf_index_uri, "--vector-file", str(tmp_path / "q.npy"), "--json"])
     assert result.exit_code == 0, result.output
-    assert '"item_id": "%s"' % catalog.item_ids[7] in result.output.splitlines()[0]
+    assert '"item_id": "%s"' % index_catalog.item_ids[7] in result.output.splitlines()[0]
 
 
 def test_every_command_and_option_has_help():
@@ -151,3 +152,36 @@ def test_every_command_and_option_has_help():
         for param in command.params:
             if param.param_type_name == "option":
                 assert param.help, f"{name} {param.name}"
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with one bucket; AWS_* variables point s3fs / botocore at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    fs, _ = storage.get_fs("s3://bucket")
+    fs.mkdir("bucket")
+    yield "s3://bucket"
+    fs.clear_instance_cache()
+    server.stop()
+
+
+def test_index_dir_on_s3_loads_and_searches(s3_bucket, ivf_index_uri, index_catalog):
+    local = ShardedIndex.load(ivf_index_uri)
+    uri = f"{s3_bucket}/index"
+    fs, path = storage.get_fs(uri)
+    fs.put(ivf_index_uri, path, recursive=True)  # manifest included: a published copy
+    on_s3 = ShardedIndex.load(uri)
+    queries = index_catalog.vectors[:50]
+    assert (on_s3.search(queries, 10)[1] == local.search(queries, 10)[1]).all()
+
+    write_index(local.shards[0].index, f"{uri}/copy.faiss")
+    assert fs.size(f"{path}/copy.faiss") == os.path.getsize(os.path.join(ivf_index_uri, "shard-00000.faiss"))
