@@ -78,7 +78,6 @@ def predict(
         ids = query_ids[start : start + SEARCH_BATCH]
         is_self = found == np.asarray(ids, dtype=object)[:, None]
         neighbour_codes = code_of.reindex(found.ravel()).fillna(-1).to_numpy(dtype=np.int64).reshape(found.shape)
-        neighbour_codes[is_self] = -1
         # keep k neighbours: drop the self slot, or the last one when the query was not found
         keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(k + 1) < k)
         winner, conf, n = vote(neighbour_codes[keep].reshape(-1, k), scores[keep].reshape(-1, k), len(classes))
