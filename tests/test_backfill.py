@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -9,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import storage
-from pipeline.backfill import backfill_categories, vote
+from pipeline.backfill import backfill_categories, predict, vote
+from pipeline.index import IndexShard, ShardedIndex
 from pipeline.cli import main
 
 
@@ -20,6 +22,18 @@ def test_vote_is_similarity_weighted_and_ignores_unlabelled():
     assert winner.tolist() == [0, -1]  # 0.9 outweighs 0.3 + 0.3; the unlabelled 1.0 does not count
     np.testing.assert_allclose(confidence, [0.9 / 1.5, 0.0])
     assert n.tolist() == [3, 0]
+
+
+def test_predict_never_uses_the_items_own_label():
+    vectors = np.eye(4, dtype=np.float32)[[0, 0, 1, 1]] + np.float32(0.01) * np.eye(4, dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(4)
+    flat.add(vectors)
+    ids = np.array(["a1", "a2", "b1", "b2"], dtype=object)
+    index = ShardedIndex([IndexShard("shard-00000.faiss", flat, ids)], dim=4)
+    labels = pd.Series(["x", "y", "z", None], index=ids)  # each item's own label differs from its twin's
+    pred, confidence, n = predict(index, ids, vectors, labels, k=1)
+    assert pred.tolist() == ["y", "x", None, "z"] and n.tolist() == [1, 1, 0, 1]
 
 
 @pytest.fixture(scope="module")
