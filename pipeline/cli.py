@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
-import click
+import json
+import re
+import sys
+from typing import TYPE_CHECKING
 
+import click
+import numpy as np
+
+from pipeline.index import IndexFilesError, RecallTooLowError
 from pipeline.sample_catalog import summarize_catalog, write_sample_catalog
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+IEC = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '512M', '1.5g', '1000000' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size; use e.g. 8GiB, 512MiB")
+    return int(float(m.group(1)) * IEC[m.group(2)])
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # local, or the cluster named by RAY_ADDRESS
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(str(e))
+
+
+# errors the library raises for bad input or a bad state on disk; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IndexFilesError, RecallTooLowError)
 
 
 @click.group()
@@ -68,8 +103,6 @@ def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: 
 
         item-pipeline embed sample.parquet model/ embeddings/ --batch-size 256 --previous embeddings-yesterday/
     """
-    import ray
-
     from pipeline import storage
     from pipeline.catalog import CatalogSchemaError, ColumnMap, validate_schema
     from pipeline.embed import EmbedOptions, run_embed, summary_line
@@ -83,12 +116,172 @@ def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: 
         # the cheap checks first, so that a bad catalog or a published OUT fails before Ray starts
         validate_schema(catalog, options.columns)
         storage.check_can_publish(out, overwrite)
-        if not ray.is_initialized():
-            ray.init()
+        _init_ray()
         manifest = run_embed(catalog, model_dir, out, options)
     except (CatalogSchemaError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(summary_line(manifest))
+
+
+@main.command("build-index")
+@click.argument("embeddings")
+@click.argument("out")
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Number of shards, built in parallel Ray tasks.")
+@click.option("--index", "spec", default="auto", show_default=True, help="FAISS index_factory spec (e.g. 'IVF4096,SQ8'), or 'auto' to choose from the size and --memory-budget.")
+@click.option("--memory-budget", default="8GiB", show_default=True, help="RAM the whole index may take (e.g. 512MiB, 8GiB); drives --index auto.")
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="Recall@10 vs exact search the build must reach on held-back queries, or it fails and publishes nothing.")
+@click.option("--eval-queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Held-back queries for the recall written to the manifest.")
+@click.option("--tune-queries", type=click.IntRange(min=1), default=500, show_default=True, help="Other held-back queries used to tune nprobe / efSearch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample, query sample and k-means.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
+def build_index_cmd(embeddings, out, shards, spec, memory_budget, min_recall, eval_queries, tune_queries, seed, overwrite):
+    """Build the sharded FAISS index of the embedding table EMBEDDINGS into OUT.
+
+    Example: item-pipeline build-index runs/emb runs/index --shards 4 --memory-budget 2GiB
+    """
+    from pipeline.index_build import IndexBuildConfig, build_index
+
+    config = IndexBuildConfig(
+        n_shards=shards, spec=spec, memory_budget_bytes=parse_bytes(memory_budget), min_recall=min_recall,
+        n_eval_queries=eval_queries, n_tune_queries=tune_queries, seed=seed,
+    )
+    _init_ray()
+    try:
+        manifest = build_index(embeddings, out, config, overwrite=overwrite)
+    except USER_ERRORS as e:
+        raise _fail(e) from e
+    click.echo(
+        f"published {out}: {manifest['spec']} x {len(manifest['shards'])} shards, {manifest['n_vectors']} vectors, "
+        f"search {manifest['search_params']}, recall@10 {manifest['recall_at_10']}, {manifest['build_seconds']} s"
+    )
+
+
+@main.command()
+@click.argument("index")
+@click.option("--item-id", help="Search with the vector of this item (read from the embedding table the index was built from).")
+@click.option("--vector-file", type=click.Path(exists=True, dir_okay=False), help="Search with vectors from a .npy file, [D] or [Q, D], L2-normalised.")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours to return per query.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def search(index, item_id, vector_file, k, as_json):
+    """Query all shards of INDEX and print the merged top-k.
+
+    Example: item-pipeline search runs/index --item-id 15970 --k 5
+    """
+    from pipeline import storage
+    from pipeline.index import ShardedIndex, read_embedding_table
+
+    if (item_id is None) == (vector_file is None):
+        raise click.UsageError("give exactly one of --item-id or --vector-file")
+    try:
+        sharded = ShardedIndex.load(index)
+        if item_id is not None:
+            embeddings = storage.read_manifest(index)["embeddings"]
+            ids, vectors, _ = read_embedding_table(embeddings, item_ids=[item_id])
+            if not len(ids):
+                raise ValueError(f"item {item_id!r} is not in the embedding table {embeddings}")
+        else:
+            vectors = np.atleast_2d(np.load(vector_file)).astype(np.float32)
+        scores, found = sharded.search(vectors, k)
+    except USER_ERRORS as e:
+        raise _fail(e) from e
+    for q in range(len(vectors)):
+        for rank, (s, i) in enumerate(zip(scores[q], found[q]), start=1):
+            if i is None:
+                continue
+            if as_json:
+                click.echo(json.dumps({"query": q, "rank": rank, "item_id": i, "score": round(float(s), 6)}))
+            else:
+                click.echo(f"{q}\t{rank}\t{i}\t{s:.4f}")
+
+
+@main.command()
+@click.argument("index")
+@click.argument("embeddings")
+@click.argument("out")
+@click.option("--threshold", type=float, help="Minimum cosine similarity of a duplicate pair (required unless --calibrate-precision).")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours searched per item.")
+@click.option("--catalog", help="Catalog with group_id labels, for --calibrate-precision.")
+@click.option("--calibrate-precision", type=click.FloatRange(0, 1), help="Choose the threshold that reaches this precision on the catalog's labelled groups.")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True, help="Ray Data search actors; each loads the whole index.")
+@click.option("--threads-per-actor", type=click.IntRange(min=1), help="FAISS threads per actor (default: FAISS's own, all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
+def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, actors, threads_per_actor, overwrite):
+    """Find duplicate pairs and clusters among all items of EMBEDDINGS; write them to OUT.
+
+    Example: item-pipeline dedup runs/index runs/emb runs/dups --threshold 0.97
+    """
+    from pipeline import dedup as dd
+
+    if threshold is None and calibrate_precision is None:
+        raise click.UsageError("give --threshold, or --calibrate-precision with --catalog")
+    if (calibrate_precision is None) != (catalog is None):
+        raise click.UsageError("--calibrate-precision and --catalog go together")
+    _init_ray()
+    try:
+        from pipeline import storage
+
+        storage.check_can_publish(out, overwrite)
+        # calibration needs every candidate pair, not only those above a threshold yet to be chosen
+        floor = -1.0 if calibrate_precision is not None else threshold
+        pairs = dd.find_duplicate_pairs(index, embeddings, k, floor, num_actors=actors, threads_per_actor=threads_per_actor)
+        info = {"index": index, "embeddings": embeddings, "k": k}
+        if calibrate_precision is not None:
+            threshold, reached, kept = dd.calibrate_threshold(pairs, _group_of(catalog), calibrate_precision)
+            info["calibration"] = {"target_precision": calibrate_precision, "precision": reached, "pairs": kept}
+            click.echo(f"calibrated threshold {threshold:.4f}: precision {reached:.3f} on labelled groups, {kept} pairs")
+        pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
+        manifest = dd.write_duplicates(out, pairs, dd.cluster_pairs(pairs), {**info, "threshold": threshold}, overwrite)
+    except USER_ERRORS as e:
+        raise _fail(e) from e
+    click.echo(f"published {out}: {manifest['n_pairs']} pairs, {manifest['n_clusters']} clusters")
+
+
+def _group_of(catalog_uri: str) -> "pd.Series":
+    from pipeline.backfill import read_catalog_labels
+
+    frame = read_catalog_labels(catalog_uri)
+    if "group_id" not in frame.columns:
+        raise ValueError(f"catalog {catalog_uri} has no group_id column to calibrate on")
+    groups = frame.set_index("item_id")["group_id"]
+    return groups.astype(object).where(groups.notna(), None)
+
+
+@main.command("backfill-categories")
+@click.argument("index")
+@click.argument("embeddings")
+@click.argument("catalog")
+@click.argument("out")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours that vote.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Leave a row unfilled when the winning category's share of the vote is under this.")
+@click.option("--category-col", default="category", show_default=True, help="Catalog column holding the category (null = unknown).")
+@click.option("--eval-sample", type=click.IntRange(min=0), default=20_000, show_default=True, help="Labelled items in the leave-one-out evaluation (0: skip).")
+@click.option("--plot", is_flag=True, help="Also write OUT/precision_coverage.png.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
+def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, category_col, eval_sample, plot, overwrite):
+    """Predict the category of CATALOG rows whose category is null from their labelled neighbours.
+
+    Example: item-pipeline backfill-categories runs/index runs/emb catalog.parquet runs/backfill --min-confidence 0.7 --plot
+    """
+    from pipeline import backfill as bf
+    from pipeline import storage
+
+    try:
+        storage.check_can_publish(out, overwrite)
+        labels = bf.read_catalog_labels(catalog, category_col)
+        rows, report = bf.backfill_categories(index, embeddings, labels, k, min_confidence, eval_sample)
+        bf.write_backfill(out, rows, report, overwrite=overwrite, plot=plot)
+    except USER_ERRORS as e:
+        raise _fail(e) from e
+    click.echo(f"published {out}: {report['n_filled']} filled, {report['n_unfilled']} left unfilled (confidence < {min_confidence}), "
+               f"{report['n_no_embedding']} without an embedding")
+    if "fill_accuracy" in report:
+        click.echo(f"fill accuracy vs true_category: {report['fill_accuracy']}")
+    loo = report.get("leave_one_out")
+    if loo:
+        click.echo(f"leave-one-out on {loo['n']} labelled items: accuracy {loo['accuracy']:.4f}")
+        click.echo("threshold\tcoverage\tprecision")
+        for point in loo["curve"]:
+            click.echo(f"{point['threshold']:.2f}\t{point['coverage']:.4f}\t{point['precision']:.4f}")
 
 
 if __name__ == "__main__":

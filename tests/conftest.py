@@ -1,13 +1,25 @@
-"""Shared fixtures: a tiny model dir (fresh tokenizer, random weights) that any test may load."""
+"""Shared fixtures: local Ray, a tiny model dir (fresh tokenizer, random weights), and a generated
+embedding table with its sharded index."""
 
 from __future__ import annotations
 
 import pytest
+import ray
 
 from item_model import ItemModel, ItemProcessor, preset_config, save_model_dir, train_tokenizer
 from pipeline.sample_catalog import make_sample_catalog
+from tests.index_data import Catalog, make_catalog, write_embedding_table
 
 TINY_CATALOG_ROWS = 120  # enough for every defect kind (>= MIN_ROWS_FOR_ALL_DEFECTS)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Local Ray on 2 CPUs for one test module (modules that need other Ray settings define their own)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +32,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     directory = str(tmp_path_factory.mktemp("tiny-model"))
     save_model_dir(model, processor, directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def index_catalog() -> Catalog:
+    return make_catalog()
+
+
+@pytest.fixture(scope="session")
+def embeddings_uri(tmp_path_factory, index_catalog) -> str:
+    uri = str(tmp_path_factory.mktemp("emb") / "embeddings")
+    write_embedding_table(uri, index_catalog.item_ids, index_catalog.vectors)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def ivf_index_uri(tmp_path_factory, embeddings_uri, ray_local) -> str:
+    """An approximate index (IVF, tuned nprobe) over the generated catalog, 3 shards."""
+    from pipeline.index_build import IndexBuildConfig, build_index
+
+    uri = str(tmp_path_factory.mktemp("idx") / "ivf")
+    build_index(embeddings_uri, uri, IndexBuildConfig(n_shards=3, spec="IVF64,Flat", n_eval_queries=300, n_tune_queries=200))
+    return uri

@@ -1,0 +1,172 @@
+"""Duplicate-product search: all-items k-NN over the sharded index (Ray Data), pairs above a threshold, clusters.
+
+Output: one published directory (pairs and clusters always come from the same run):
+
+    OUT/duplicate_pairs/part-00000.parquet      {item_id, dup_item_id, score}, item_id < dup_item_id
+    OUT/duplicate_clusters/part-00000.parquet   {item_id, cluster_id}: connected components of the pairs;
+                                                cluster_id = the smallest item_id in the cluster
+    OUT/_manifest.json                          threshold, k, counts, cluster-size histogram, timings
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline import storage
+from pipeline.index import ShardedIndex
+
+PAIRS_SCHEMA = pa.schema([("item_id", pa.string()), ("dup_item_id", pa.string()), ("score", pa.float32())])
+
+
+class NeighbourPairs:
+    """Callable for `map_batches`: loads the sharded index once, turns a batch of items into pairs.
+
+    `__call__({item_id [B], embedding [B, D]})` -> pa.Table of (item_id, dup_item_id, score) for every
+    neighbour among the top-`k` (self excluded) scoring >= `threshold`, ordered so item_id < dup_item_id.
+    A pair found from both sides appears twice here; `find_duplicate_pairs` keeps one.
+    """
+
+    def __init__(self, index_uri: str, k: int, threshold: float, threads: int | None = None):
+        import faiss
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        self.index = ShardedIndex.load(index_uri)
+        self.k, self.threshold = k, threshold
+
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        ids = _column_values(batch["item_id"])
+        emb = batch["embedding"]
+        vectors = storage.embedding_matrix(emb) if isinstance(emb, (pa.Array, pa.ChunkedArray)) else np.asarray(emb)
+        scores, found = self.index.search(vectors, self.k + 1)  # +1: the item finds itself
+        query = np.repeat(ids, scores.shape[1]).reshape(scores.shape)
+        keep = (scores >= self.threshold) & (found != query) & (found != None)  # noqa: E711 (elementwise)
+        a, b = query[keep], found[keep]
+        lo, hi = np.where(a < b, a, b), np.where(a < b, b, a)
+        return pa.table({"item_id": lo.tolist(), "dup_item_id": hi.tolist(), "score": scores[keep]}, schema=PAIRS_SCHEMA)
+
+
+def _column_values(column: Any) -> np.ndarray:
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        return column.to_numpy(zero_copy_only=False).astype(object)
+    return np.asarray(column, dtype=object)
+
+
+def find_duplicate_pairs(
+    index_uri: str,
+    embeddings_uri: str,
+    k: int,
+    threshold: float,
+    num_actors: int = 1,
+    threads_per_actor: int | None = None,
+    batch_size: int = 8192,
+) -> pd.DataFrame:
+    """All pairs among the k nearest neighbours of every item scoring >= `threshold`, each unordered pair once.
+
+    A Ray Data job over the embedding table; needs Ray initialised by the caller. Each of `num_actors`
+    actors loads the whole sharded index once and searches batches of `batch_size` items.
+    """
+    storage.read_manifest(embeddings_uri)  # fail now, not in an actor, when the table is not published
+    storage.read_manifest(index_uri)
+    fs, path = storage.get_fs(embeddings_uri)
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=["item_id", "embedding"])
+    pairs = ds.map_batches(
+        NeighbourPairs,
+        fn_constructor_args=(index_uri, k, threshold, threads_per_actor),
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        # one Ray CPU per actor even when FAISS runs more threads: reserving all cores for the actors
+        # would leave none for the read tasks that feed them, and the job would wait forever
+        num_cpus=1,
+    )
+    blocks = [t.cast(PAIRS_SCHEMA) for t in ray.get(pairs.to_arrow_refs())]
+    frame = pa.concat_tables([PAIRS_SCHEMA.empty_table(), *blocks]).to_pandas()
+    # the same pair found from both of its items: keep one (same score up to float noise: keep the higher)
+    frame = frame.sort_values("score", ascending=False, kind="stable").drop_duplicates(["item_id", "dup_item_id"])
+    return frame.sort_values(["item_id", "dup_item_id"]).reset_index(drop=True)
+
+
+def cluster_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Connected components of the pair graph (union-find): {item_id, cluster_id}, items in pairs only.
+
+    cluster_id is the smallest item_id of the component, so it is stable across runs.
+    """
+    if pairs.empty:
+        return pd.DataFrame({"item_id": pd.Series(dtype=str), "cluster_id": pd.Series(dtype=str)})
+    codes, items = pd.factorize(pd.concat([pairs["item_id"], pairs["dup_item_id"]], ignore_index=True))
+    parent = np.arange(len(items))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving keeps the trees flat
+            x = parent[x]
+        return x
+
+    n = len(pairs)
+    for a, b in zip(codes[:n].tolist(), codes[n:].tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([root(x) for x in range(len(items))])
+    frame = pd.DataFrame({"item_id": np.asarray(items, dtype=object), "root": roots})
+    frame["cluster_id"] = frame.groupby("root")["item_id"].transform("min")
+    return frame[["item_id", "cluster_id"]].sort_values(["cluster_id", "item_id"]).reset_index(drop=True)
+
+
+def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: float) -> tuple[float, float, int]:
+    """The lowest threshold at which the pairs scoring at or above it reach `precision` on labelled groups.
+
+    A pair is a true duplicate when both items have the same non-null group (`group_of`: item_id ->
+    group_id; an item without a group has no known duplicate). Returns (threshold, precision reached,
+    pairs kept). Raises ValueError when no threshold reaches `precision`.
+    """
+    if pairs.empty:
+        raise ValueError("no candidate pairs to calibrate on: raise --k or check the index")
+    ga = pairs["item_id"].map(group_of).to_numpy(dtype=object)
+    gb = pairs["dup_item_id"].map(group_of).to_numpy(dtype=object)
+    same = np.array([a is not None and a == a and a == b for a, b in zip(ga, gb)])  # a == a: not NaN
+    order = np.argsort(-pairs["score"].to_numpy(), kind="stable")
+    scores, same = pairs["score"].to_numpy()[order], same[order]
+    prec = np.cumsum(same) / np.arange(1, len(same) + 1)
+    # a cut can only fall between different scores; keep the last position of each score run
+    last_of_score = np.r_[scores[1:] != scores[:-1], True]
+    ok = np.flatnonzero((prec >= precision) & last_of_score)
+    if not len(ok):
+        raise ValueError(f"no threshold reaches precision {precision} (best {prec.max():.3f}) on the labelled groups")
+    i = ok[-1]
+    return float(scores[i]), float(prec[i]), int(i + 1)
+
+
+def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, info: dict, overwrite: bool = False) -> dict:
+    """Publish pairs and clusters as one directory (layout in the module docstring); returns the manifest."""
+    storage.check_can_publish(out_uri, overwrite)
+    sizes = Counter(clusters.groupby("cluster_id").size().tolist()) if len(clusters) else Counter()
+    manifest = {
+        **info,
+        "n_pairs": len(pairs),
+        "n_clusters": int(clusters["cluster_id"].nunique()) if len(clusters) else 0,
+        "n_items_in_clusters": len(clusters),
+        "cluster_size_histogram": {str(k): v for k, v in sorted(sizes.items())},
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with storage.staging(out_uri) as stage:
+        for name, frame, schema in (
+            ("duplicate_pairs", pairs, PAIRS_SCHEMA),
+            ("duplicate_clusters", clusters, pa.schema([("item_id", pa.string()), ("cluster_id", pa.string())])),
+        ):
+            fs, path = storage.get_fs(storage.join(stage, name, "part-00000.parquet"))
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(path, "wb") as f:
+                pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), f)
+        storage.publish(stage, out_uri, manifest, overwrite=overwrite)
+    return manifest

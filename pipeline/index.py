@@ -1,0 +1,423 @@
+"""Sharded FAISS index: index choice, training, shard files, loading and merged top-k search (no Ray).
+
+Index dir layout (a published directory, see `storage`):
+
+    shard-00000.faiss         one FAISS index per shard, faiss row id = row in its id map
+    shard-00000.ids.parquet   the id map: one column `item_id`, row i = faiss row id i
+    ...
+    _manifest.json            model_version, model_dir, embeddings (the table it was built from), dim,
+                              metric, spec, shards [{faiss, ids, n_vectors}], search_params, tuning trials,
+                              recall_at_10 vs exact on n_queries held-back queries, build_seconds, seed
+
+Metric: inner product on L2-normalised vectors (= cosine similarity). All shards come from one trained
+empty index (same coarse quantizer and codec), so a search parameter means the same on every shard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+METRIC = "inner_product"
+RECALL_K = 10
+
+# Thresholds of `choose_index_spec` (after autofaiss's index selection), in vectors.
+FLAT_MAX_N = 20_000  # below this an exact scan is as fast as any index and needs no training
+HNSW_MAX_N = 200_000  # above this HNSW's build (graph insertion, ~n log n) is slower than training an IVF
+HNSW_M = 32  # graph degree: HNSW costs 4d + 2*M*4 bytes per vector
+IVF_TRAIN_PER_CENTROID = 39  # FAISS's own minimum for k-means (it warns below this)
+MEMORY_HEADROOM = 1.2  # list/graph overheads and search buffers on top of the codes
+TUNE_MARGIN = 0.01  # ~2 standard errors of the gap between recall@10 on 500 tuning and 1,000 eval queries
+REFINE_K_FACTORS = (4, 16)  # re-rank k_factor * k fast-scan candidates exactly
+
+# Search parameter candidates tried by `tune_search_param`, cheapest first.
+NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class IndexFilesError(RuntimeError):
+    """A shard file of an index dir is missing, unreadable, or disagrees with its id map."""
+
+
+class RecallTooLowError(RuntimeError):
+    """The built index cannot reach the requested recall with any search parameter tried."""
+
+
+# --- the embedding table ---------------------------------------------------------------------------
+
+
+def read_embedding_table(uri: str, item_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Item ids [N] (object, str), vectors [N, D] float32 and manifest of a published embedding table.
+
+    With `item_ids`, only those rows are read (a pushed-down filter). Raises FileNotFoundError when the
+    table is not published and ValueError when its dim disagrees with its manifest.
+    """
+    manifest = storage.read_manifest(uri)
+    fs, path = storage.get_fs(uri)
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"embedding table {uri} has a manifest but no Parquet files. Re-run the embed stage.")
+    filters = [("item_id", "in", [str(i) for i in item_ids])] if item_ids is not None else None
+    table = pq.read_table(files, filesystem=fs, columns=["item_id", "embedding"], filters=filters)
+    ids = table.column("item_id").cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
+    vectors = storage.embedding_matrix(table.column("embedding")) if len(table) else np.zeros((0, manifest["dim"]), np.float32)
+    if vectors.shape[1] != manifest["dim"]:
+        raise ValueError(f"embedding table {uri}: vectors have dim {vectors.shape[1]}, manifest says {manifest['dim']}")
+    return ids, vectors, manifest
+
+
+# --- choosing and training the index ---------------------------------------------------------------
+
+
+def n_centroids(n: int) -> int:
+    """IVF list count: about 4 sqrt(n) (autofaiss uses 4-16 sqrt(n)), a power of two, and few enough
+    that every centroid gets FAISS's minimum of training points."""
+    target = 4 * math.sqrt(n)
+    c = 2 ** max(0, round(math.log2(target)))
+    return int(max(1, min(c, n // IVF_TRAIN_PER_CENTROID)))
+
+
+def choose_index_spec(n: int, d: int, memory_budget_bytes: int) -> str:
+    """A FAISS index_factory spec for `n` vectors of dim `d` that fits `memory_budget_bytes` (all shards).
+
+    Tiers, best first (bytes per vector in brackets, times MEMORY_HEADROOM):
+    - n < FLAT_MAX_N: `Flat`, exact [4d];
+    - n < HNSW_MAX_N and budget allows: `HNSW32` [4d + 256];
+    - `IVF{c},Flat` [4d + 8], else `IVF{c},SQ8` [d + 8] (8-bit scalar codes, near-exact on unit vectors);
+    - else `IVF{c},PQ{d/2}x4fs,RFlat` [d/4 + 8 in RAM]: fast-scan PQ candidates re-ranked exactly against
+      full vectors that are memory-mapped from the shard file at search time (plain PQ codes cannot
+      separate near-duplicates). c = `n_centroids(n)`.
+    Raises ValueError when even the last tier does not fit.
+    """
+    if n < 1 or d < 1:
+        raise ValueError(f"need at least one vector of dim >= 1, got n={n}, d={d}")
+
+    def fits(bytes_per_vector: int) -> bool:
+        return n * bytes_per_vector * MEMORY_HEADROOM <= memory_budget_bytes
+
+    if n < FLAT_MAX_N and fits(4 * d):
+        return "Flat"
+    if n < HNSW_MAX_N and fits(4 * d + 2 * HNSW_M * 4):
+        return f"HNSW{HNSW_M}"
+    c = n_centroids(n)
+    if fits(4 * d + 8):
+        return f"IVF{c},Flat"
+    if fits(d + 8):
+        return f"IVF{c},SQ8"
+    if d % 2 == 0 and fits(d // 4 + 8):
+        return f"IVF{c},PQ{d // 2}x4fs,RFlat"
+    need = n * (d // 4 + 8) * MEMORY_HEADROOM
+    raise ValueError(
+        f"a memory budget of {memory_budget_bytes / 2**30:.2f} GiB is too small for {n} vectors of dim {d}: "
+        f"the most compact index needs {need / 2**30:.2f} GiB. Raise --memory-budget."
+    )
+
+
+def train_empty_index(spec: str, sample: np.ndarray, seed: int) -> faiss.Index:
+    """An empty index of `spec` (inner product), trained on `sample` [S, D] with a seeded k-means."""
+    index = faiss.index_factory(sample.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    ivf = _ivf_or_none(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    pq_ = _pq_or_none(index)
+    if pq_ is not None:
+        pq_.cp.seed = seed
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def train_sample_size(spec: str, n: int) -> int:
+    """How many vectors to train `spec` on: FAISS's minimum per IVF centroid (k-means cost is linear in
+    it), at least 10,000 for the codecs, capped at n."""
+    m = re.search(r"IVF(\d+)", spec)
+    return min(n, max(int(m.group(1)) * IVF_TRAIN_PER_CENTROID, 10_000)) if m else min(n, 10_000)
+
+
+def shard_of(item_ids: Sequence[Any], n_shards: int) -> np.ndarray:
+    """Shard number of each item id: crc32 of its string form, stable across runs and machines."""
+    return np.fromiter((zlib.crc32(str(i).encode()) for i in item_ids), dtype=np.int64, count=len(item_ids)) % n_shards
+
+
+def shard_names(i: int) -> tuple[str, str]:
+    return f"shard-{i:05d}.faiss", f"shard-{i:05d}.ids.parquet"
+
+
+def fill_shard(
+    trained: bytes, vectors: np.ndarray, item_ids: Sequence[Any], out_uri: str, shard: int, threads: int
+) -> dict:
+    """Add one shard's vectors to a copy of the trained empty index and write the shard's two files.
+
+    Returns the shard's manifest entry. faiss row ids are the rows of `vectors`, in order.
+    """
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    # HNSW insertion order depends on thread timing: one thread keeps the graph deterministic.
+    faiss.omp_set_num_threads(1 if search_param_name(index) == "efSearch" else threads)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    faiss_name, ids_name = shard_names(shard)
+    write_index(index, storage.join(out_uri, faiss_name))
+    fs, ids_path = storage.get_fs(storage.join(out_uri, ids_name))
+    with fs.open(ids_path, "wb") as f:
+        pq.write_table(pa.table({"item_id": pa.array([str(i) for i in item_ids], pa.string())}), f)
+    return {"faiss": faiss_name, "ids": ids_name, "n_vectors": int(index.ntotal)}
+
+
+def write_index(index: faiss.Index, uri: str) -> None:
+    """faiss.write_index to a local path, or to a local temp file uploaded with fsspec."""
+    if storage.is_local(uri):
+        faiss.write_index(index, storage.get_fs(uri)[1])
+        return
+    fs, path = storage.get_fs(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, local)
+        fs.put(local, path)
+
+
+def _read_index(uri: str, spec: str, cache_dir: str) -> faiss.Index:
+    # RFlat's full vectors are memory-mapped, not loaded: they are only touched to re-rank candidates.
+    flags = faiss.IO_FLAG_MMAP_IFC if spec.endswith("RFlat") else 0
+    if storage.is_local(uri):
+        return faiss.read_index(storage.get_fs(uri)[1], flags)
+    fs, path = storage.get_fs(uri)
+    local = os.path.join(cache_dir, os.path.basename(path))
+    fs.get(path, local)
+    return faiss.read_index(local, flags)
+
+
+# --- search parameters -----------------------------------------------------------------------------
+
+
+def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _pq_or_none(index: faiss.Index) -> faiss.ProductQuantizer | None:
+    ivf = _ivf_or_none(index)
+    return getattr(ivf, "pq", None) if ivf is not None else None
+
+
+def search_param_name(index: faiss.Index) -> str | None:
+    """The parameter that trades speed for recall: 'nprobe' (IVF), 'efSearch' (HNSW), or None (exact)."""
+    if _ivf_or_none(index) is not None:
+        return "nprobe"
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def set_search_params(index: faiss.Index, params: dict[str, int]) -> None:
+    """Apply search parameters (as recorded in the manifest) to one shard."""
+    for name, value in params.items():
+        if name == "k_factor":
+            faiss.downcast_index(index).k_factor = value
+        else:
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+
+# --- the sharded index -----------------------------------------------------------------------------
+
+
+@dataclass
+class IndexShard:
+    """One shard: its FAISS index and the item id of each faiss row."""
+
+    name: str  # file name of the FAISS index, e.g. shard-00003.faiss
+    index: faiss.Index
+    item_ids: np.ndarray  # [n] object (str): faiss row id -> item_id
+
+
+class ShardedIndex:
+    """All shards of an index dir, searched together; results are the merged top-k over shards."""
+
+    def __init__(self, shards: list[IndexShard], dim: int, search_params: dict[str, int] | None = None):
+        self.shards = shards
+        self.dim = dim
+        self.search_params: dict[str, int] = {}
+        self.set_search_params(search_params or {})
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.index.ntotal for s in self.shards)
+
+    @classmethod
+    def open(cls, uri: str, shards: list[dict], dim: int, spec: str, search_params: dict[str, int]) -> ShardedIndex:
+        """Load the shard files listed in `shards` (manifest entries) from `uri`, checking each one.
+
+        Raises IndexFilesError naming the shard when a file is missing, unreadable, or its id map
+        does not match the index's vector count.
+        """
+        loaded = []
+        fix = f"Rebuild the index with `item-pipeline build-index ... {uri} --overwrite`."
+        with tempfile.TemporaryDirectory() as cache_dir:
+            for entry in shards:
+                faiss_uri, ids_uri = storage.join(uri, entry["faiss"]), storage.join(uri, entry["ids"])
+                for part in (faiss_uri, ids_uri):
+                    if not storage.exists(part):
+                        raise IndexFilesError(f"index shard file {part} is missing. {fix}")
+                try:
+                    index = _read_index(faiss_uri, spec, cache_dir)
+                except RuntimeError as e:
+                    raise IndexFilesError(f"index shard {faiss_uri} cannot be read ({_first_line(e)}). {fix}") from e
+                try:
+                    fs, ids_path = storage.get_fs(ids_uri)
+                    with fs.open(ids_path, "rb") as f:
+                        ids = pq.read_table(f, columns=["item_id"]).column("item_id").to_numpy(zero_copy_only=False)
+                except (pa.ArrowException, KeyError, OSError) as e:
+                    raise IndexFilesError(f"id map {ids_uri} cannot be read ({e}). {fix}") from e
+                if index.d != dim or index.ntotal != len(ids) or index.ntotal != entry["n_vectors"]:
+                    raise IndexFilesError(
+                        f"index shard {faiss_uri} holds {index.ntotal} vectors of dim {index.d}, but its id map has "
+                        f"{len(ids)} rows and the manifest says {entry['n_vectors']} of dim {dim}. {fix}"
+                    )
+                loaded.append(IndexShard(entry["faiss"], index, ids.astype(object)))
+        _check_same_quantizer(loaded, fix)
+        return cls(loaded, dim, search_params)
+
+    @classmethod
+    def load(cls, uri: str) -> ShardedIndex:
+        """Load a published index dir (the manifest says which shards, the spec and search parameters)."""
+        manifest = storage.read_manifest(uri)
+        return cls.open(uri, manifest["shards"], manifest["dim"], manifest["spec"], manifest["search_params"])
+
+    def set_search_params(self, params: dict[str, int]) -> None:
+        for shard in self.shards:
+            set_search_params(shard.index, params)
+        self.search_params = dict(params)
+
+    def _coarse_assignment(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(centroid ids, scores) [Q, nprobe] when all shards are plain IVF over one quantizer, else None.
+
+        The shards share the trained quantizer, so the nearest lists are found once for all shards instead
+        of once per shard (with thousands of lists this is a large part of a search).
+        """
+        if not self.shards or not all(isinstance(s.index, faiss.IndexIVF) for s in self.shards):
+            return None
+        first = self.shards[0].index
+        scores, lists = first.quantizer.search(queries, first.nprobe)
+        return lists, scores
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over all shards for `queries` [Q, D] (L2-normalised).
+
+        Returns (scores [Q, k] float32, descending; item_ids [Q, k] object, None where fewer than k hits).
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
+        coarse = self._coarse_assignment(queries)
+        scores, shard_no, rows = [], [], []
+        for s, shard in enumerate(self.shards):
+            d, i = shard.index.search(queries, k) if coarse is None else shard.index.search_preassigned(queries, k, *coarse)
+            scores.append(np.where(i < 0, -np.inf, d))
+            shard_no.append(np.full_like(i, s))
+            rows.append(i)
+        scores_all = np.concatenate(scores, axis=1)  # [Q, S*k]
+        top = np.argsort(-scores_all, axis=1, kind="stable")[:, :k]  # [Q, k]
+        top_scores = np.take_along_axis(scores_all, top, axis=1)
+        top_shard = np.take_along_axis(np.concatenate(shard_no, axis=1), top, axis=1)
+        top_rows = np.take_along_axis(np.concatenate(rows, axis=1), top, axis=1)
+        ids = np.full(top.shape, None, dtype=object)
+        for s, shard in enumerate(self.shards):
+            hit = (top_shard == s) & (top_rows >= 0)
+            ids[hit] = shard.item_ids[top_rows[hit]]
+        return np.where(np.isfinite(top_scores), top_scores, np.nan).astype(np.float32), ids
+
+
+def _check_same_quantizer(shards: list[IndexShard], fix: str) -> None:
+    """IVF shards must come from one trained index: search assigns lists once for all of them."""
+    ivfs = [(s.name, s.index) for s in shards if isinstance(s.index, faiss.IndexIVF)]
+    if len(ivfs) < 2:
+        return
+    centroids = ivfs[0][1].quantizer.reconstruct_n(0, ivfs[0][1].nlist)
+    for name, ivf in ivfs[1:]:
+        if ivf.nlist != len(centroids) or not np.array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), centroids):
+            raise IndexFilesError(f"index shard {name} was not built from the same trained quantizer as {ivfs[0][0]}. {fix}")
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+# --- recall and tuning -----------------------------------------------------------------------------
+
+
+def measure_recall(found_ids: np.ndarray, true_ids: np.ndarray, k: int = RECALL_K) -> float:
+    """Recall@k: mean over queries of |found top-k ∩ exact top-k| / k."""
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found_ids.tolist(), true_ids.tolist()))
+    return hits / (k * len(true_ids))
+
+
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, item_ids: np.ndarray, k: int = RECALL_K) -> np.ndarray:
+    """Item ids [Q, k] of the exact inner-product top-k (FAISS brute force, blocked over the base)."""
+    _, rows = faiss.knn(np.ascontiguousarray(queries), np.ascontiguousarray(vectors), k, metric=faiss.METRIC_INNER_PRODUCT)
+    return item_ids[rows]
+
+
+def queries_per_second(index: ShardedIndex, queries: np.ndarray, k: int = RECALL_K) -> float:
+    start = time.perf_counter()
+    index.search(queries, k)
+    return len(queries) / max(time.perf_counter() - start, 1e-9)
+
+
+def tune_search_param(
+    index: ShardedIndex, queries: np.ndarray, true_ids: np.ndarray, min_recall: float, k: int = RECALL_K
+) -> tuple[dict[str, int], list[dict]]:
+    """The cheapest search parameter whose recall@k on `queries` reaches `min_recall`.
+
+    Cost grows with nprobe / efSearch, so the first value in the grid that reaches the recall has the best
+    batch throughput. The first value reaching min_recall + TUNE_MARGIN is preferred, so that the build's
+    independent held-back measurement does not fall just under min_recall by sampling noise. Returns (params, trials [{<params>, recall, qps}]) and leaves `index` set to
+    params. Raises RecallTooLowError when no value reaches `min_recall`.
+    """
+    name = search_param_name(index.shards[0].index)
+    if name == "nprobe":
+        nlist = _ivf_or_none(index.shards[0].index).nlist
+        grid = [{name: v} for v in NPROBE_GRID if v < nlist] + [{name: nlist}]
+    elif name == "efSearch":
+        grid = [{name: max(v, k)} for v in EF_SEARCH_GRID]
+    else:
+        grid = [{}]
+    if isinstance(faiss.downcast_index(index.shards[0].index), faiss.IndexRefine):
+        # more candidates to re-rank is the other knob; try the cheap end of both first
+        grid = [{"k_factor": f, **g} for f in REFINE_K_FACTORS for g in grid]
+    target = min(1.0, min_recall + TUNE_MARGIN)
+    trials = []
+    for params in grid:
+        index.set_search_params(params)
+        start = time.perf_counter()
+        _, found = index.search(queries, k)
+        qps = len(queries) / max(time.perf_counter() - start, 1e-9)
+        recall = measure_recall(found, true_ids, k)
+        trials.append({**params, "recall": round(recall, 4), "qps": round(qps, 1)})
+        if recall >= target:
+            return params, trials
+    reached = [t for t in trials if t["recall"] >= min_recall]
+    if reached:  # the margin is out of reach, the recall itself is not
+        params = {name: v for name, v in reached[0].items() if name not in ("recall", "qps")}
+        index.set_search_params(params)
+        return params, trials
+    best = max(trials, key=lambda t: t["recall"])
+    best_params = ", ".join(f"{n}={v}" for n, v in best.items() if n not in ("recall", "qps")) or "exact"
+    raise RecallTooLowError(
+        f"the index reaches recall@{k} {best['recall']:.3f} at best ({best_params}), under the required "
+        f"{min_recall}. Use a less compressed index (--index, or a larger --memory-budget), or lower --min-recall."
+    )

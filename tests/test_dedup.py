@@ -1,0 +1,82 @@
+"""Duplicate search: the actor's batch function, pairs, clusters, calibration and the CLI job."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.dedup import NeighbourPairs, calibrate_threshold, cluster_pairs, find_duplicate_pairs
+
+
+def _groups(index_catalog) -> dict[str, set[str]]:
+    frame = pd.DataFrame({"item_id": index_catalog.item_ids, "group": index_catalog.group_id}).dropna()
+    return {g: set(rows) for g, rows in frame.groupby("group")["item_id"]}
+
+
+def test_neighbour_pairs_on_a_plain_batch(ivf_index_uri, index_catalog):
+    fn = NeighbourPairs(ivf_index_uri, k=5, threshold=0.99)
+    member = next(iter(_groups(index_catalog).values()))
+    rows = [i for i, item in enumerate(index_catalog.item_ids) if item in member]
+    out = fn({"item_id": index_catalog.item_ids[rows], "embedding": index_catalog.vectors[rows]}).to_pandas()
+    pairs = set(zip(out["item_id"], out["dup_item_id"]))
+    a, b, c = sorted(member)
+    assert {(a, b), (a, c), (b, c)} <= pairs  # each found from both sides, always as (smaller, larger)
+    assert (out["item_id"] < out["dup_item_id"]).all() and (out["score"] >= 0.99).all()
+
+
+def test_cluster_pairs_is_connected_components():
+    pairs = pd.DataFrame({"item_id": ["b", "c", "x"], "dup_item_id": ["c", "d", "y"], "score": [1.0, 1.0, 1.0]})
+    clusters = cluster_pairs(pairs)
+    assert dict(zip(clusters["item_id"], clusters["cluster_id"])) == {"b": "b", "c": "b", "d": "b", "x": "x", "y": "x"}
+
+
+@pytest.fixture(scope="module")
+def candidates(ivf_index_uri, embeddings_uri):
+    """Every k-NN pair of the catalog (one Ray Data job, shared: each job costs seconds of Ray start-up)."""
+    return find_duplicate_pairs(ivf_index_uri, embeddings_uri, k=5, threshold=-1.0, batch_size=700)
+
+
+def test_duplicate_groups_come_back_as_clusters(candidates, index_catalog):
+    assert not candidates.duplicated(["item_id", "dup_item_id"]).any()
+    assert (candidates["item_id"] < candidates["dup_item_id"]).all()
+    pairs = candidates[candidates["score"] >= 0.99]
+    clusters = cluster_pairs(pairs)
+    found = [set(m) for _, m in clusters.groupby("cluster_id")["item_id"]]
+    truth = list(_groups(index_catalog).values())
+    exact = sum(1 for c in found if c in truth)
+    assert exact / len(found) >= 0.95  # precision: clusters that are exactly a generated group
+    assert exact / len(truth) >= 0.95  # and most groups are found whole
+
+
+def test_calibrated_threshold_reaches_the_precision(candidates, index_catalog):
+    group_of = pd.Series(index_catalog.group_id, index=index_catalog.item_ids)
+    threshold, precision, kept = calibrate_threshold(candidates, group_of, 0.9)
+    above = candidates[candidates["score"] >= threshold]
+    same = above["item_id"].map(group_of) == above["dup_item_id"].map(group_of)
+    assert len(above) == kept and same.mean() == precision >= 0.9
+    assert same.sum() >= 0.95 * 3 * 150  # and it keeps nearly all 450 true pairs
+
+
+def test_dedup_cli_calibrates_and_publishes_pairs_and_clusters(tmp_path, ivf_index_uri, embeddings_uri, index_catalog):
+    catalog_path = tmp_path / "index_catalog.parquet"
+    pd.DataFrame({"item_id": index_catalog.item_ids, "group_id": index_catalog.group_id, "category": None}).to_parquet(catalog_path)
+    out = str(tmp_path / "dups")
+    args = ["dedup", ivf_index_uri, embeddings_uri, out, "--k", "5", "--catalog", str(catalog_path), "--calibrate-precision", "0.9"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "calibrated threshold" in result.output
+    manifest = storage.read_manifest(out)
+    pairs = pq.read_table(f"{out}/duplicate_pairs").to_pandas()
+    clusters = pq.read_table(f"{out}/duplicate_clusters").to_pandas()
+    assert manifest["calibration"]["precision"] >= 0.9 and (pairs["score"] >= manifest["threshold"]).all()
+    assert manifest["n_pairs"] == len(pairs) and manifest["n_items_in_clusters"] == len(clusters)
+    assert manifest["cluster_size_histogram"].get("3", 0) >= 140
+
+    result = CliRunner().invoke(main, ["dedup", ivf_index_uri, embeddings_uri, out, "--threshold", "0.99"])
+    assert result.exit_code == 1 and "already published" in result.output
+    result = CliRunner().invoke(main, ["dedup", ivf_index_uri, embeddings_uri, str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--threshold" in result.output
