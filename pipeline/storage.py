@@ -30,8 +30,15 @@ MANIFEST = "_manifest.json"
 
 
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and bare path for a local path or an s3:// URI."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    """Filesystem and bare path for a local path or an s3:// URI.
+
+    fsspec caches filesystem instances by their arguments: the endpoint is passed explicitly so that a
+    changed AWS_ENDPOINT_URL gets a new client instead of a cached one that talks to the old endpoint.
+    """
+    options = {}
+    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
