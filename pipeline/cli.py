@@ -210,7 +210,7 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
 
     Example: item-pipeline dedup runs/index runs/emb runs/dups --threshold 0.97
     """
-    from pipeline import dedup as dd
+    from pipeline.dedup import run_dedup
 
     if threshold is None and calibrate_precision is None:
         raise click.UsageError("give --threshold, or --calibrate-precision with --catalog")
@@ -218,21 +218,14 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
         raise click.UsageError("--calibrate-precision and --catalog go together")
     _init_ray()
     try:
-        from pipeline import storage
-
-        storage.check_can_publish(out, overwrite)
-        # calibration needs every candidate pair, not only those above a threshold yet to be chosen
-        floor = -1.0 if calibrate_precision is not None else threshold
-        pairs = dd.find_duplicate_pairs(index, embeddings, k, floor, num_actors=actors, threads_per_actor=threads_per_actor)
-        info = {"index": index, "embeddings": embeddings, "k": k}
-        if calibrate_precision is not None:
-            threshold, reached, kept = dd.calibrate_threshold(pairs, _group_of(catalog), calibrate_precision)
-            info["calibration"] = {"target_precision": calibrate_precision, "precision": reached, "pairs": kept}
-            click.echo(f"calibrated threshold {threshold:.4f}: precision {reached:.3f} on labelled groups, {kept} pairs")
-        pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
-        manifest = dd.write_duplicates(out, pairs, dd.cluster_pairs(pairs), {**info, "threshold": threshold}, overwrite)
+        calibrate = (_group_of(catalog), calibrate_precision) if catalog else None
+        manifest = run_dedup(index, embeddings, out, threshold, k, calibrate, actors, threads_per_actor, overwrite)
     except USER_ERRORS as e:
         raise _fail(e) from e
+    if "calibration" in manifest:
+        cal = manifest["calibration"]
+        click.echo(f"calibrated threshold {manifest['threshold']:.4f}: precision {cal['precision']:.3f} "
+                   f"on labelled groups, {cal['pairs']} pairs")
     click.echo(f"published {out}: {manifest['n_pairs']} pairs, {manifest['n_clusters']} clusters")
 
 

@@ -170,3 +170,37 @@ def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, 
                 pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), f)
         storage.publish(stage, out_uri, manifest, overwrite=overwrite)
     return manifest
+
+
+def run_dedup(
+    index_uri: str,
+    embeddings_uri: str,
+    out_uri: str,
+    threshold: float | None,
+    k: int = 10,
+    calibrate: tuple[pd.Series, float] | None = None,
+    num_actors: int = 1,
+    threads_per_actor: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """The dedup job: all-items k-NN, pairs at or above the threshold, clusters, published at `out_uri`.
+
+    With `calibrate=(group_of, precision)` the threshold is the lowest that reaches `precision` on the
+    labelled groups (item_id -> group_id), and the calibration is recorded in the manifest.
+    Needs Ray initialised by the caller.
+    """
+    if (threshold is None) == (calibrate is None):
+        raise ValueError("give a threshold, or a calibration (labelled groups and a target precision), not both")
+    storage.check_can_publish(out_uri, overwrite)
+    start = time.perf_counter()
+    # calibration needs every candidate pair, not only those above a threshold yet to be chosen
+    pairs = find_duplicate_pairs(index_uri, embeddings_uri, k, -1.0 if calibrate else threshold,
+                                 num_actors=num_actors, threads_per_actor=threads_per_actor)
+    info: dict[str, Any] = {"index": index_uri, "embeddings": embeddings_uri, "k": k}
+    if calibrate is not None:
+        group_of, precision = calibrate
+        threshold, reached, kept = calibrate_threshold(pairs, group_of, precision)
+        info["calibration"] = {"target_precision": precision, "precision": reached, "pairs": kept}
+    pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
+    info["search_s"] = round(time.perf_counter() - start, 3)
+    return write_duplicates(out_uri, pairs, cluster_pairs(pairs), {**info, "threshold": threshold}, overwrite)
