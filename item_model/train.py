@@ -343,7 +343,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             state["rows_skipped"] += int(values[len(keys) + 3])
             steps_per_s = (step - start_step) / (time.perf_counter() - t_start)
             eta_s = (cfg.steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
-            record = {"step": step, **metrics, "samples_per_s": samples_per_s, "time": time.time(),
+            record = {"step": step, **metrics, "samples_per_s": samples_per_s, "samples": state["samples"],
+                      "time": time.time(),
                       "lr": scheduler.get_last_lr()[0]}
             state["history"].append(record)
             report = {**record, "rows_seen": state["rows_seen"], "rows_skipped": state["rows_skipped"],
@@ -504,7 +505,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
             "rows_skipped": state["rows_skipped"],
             "resumed_from_steps": state.get("resumed_from", []),
             "history": history,
-            "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "time", "lr", "samples_per_s")}
+            "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "time", "lr", "samples_per_s", "samples")}
             if history else {},
             "train_seconds_this_attempt": round(train_s, 1),
             "catalog": catalog_uri,
