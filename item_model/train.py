@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -305,13 +306,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     while state["step"] < cfg.steps:
         batches_this_pass = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device):
+        # batches arrive on the CPU: skipped rows are dropped and counted there, with no device sync
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device="cpu"):
             batches_this_pass += 1
             keep = batch.pop("keep")
             window_rows += keep.numel()
-            window_skipped += int((~keep).sum())
-            if not keep.all():
-                batch = {k: v[keep] for k, v in batch.items()}
+            skipped = int((~keep).sum())
+            window_skipped += skipped
+            batch = {k: (v[keep] if skipped else v).to(device, non_blocking=True) for k, v in batch.items()}
             step = state["step"]
             if cfg.fail_at_step is not None and step == cfg.fail_at_step and not resumed and rank == world - 1:
                 raise RuntimeError(f"injected failure at step {step} (TrainConfig.fail_at_step, first attempt only)")
@@ -350,7 +352,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             report = {**record, "rows_seen": state["rows_seen"], "rows_skipped": state["rows_skipped"],
                       "eta_s": eta_s}
             if rank == 0:
-                print(format_progress(step, cfg.steps, metrics, samples_per_s, eta_s), flush=True)
+                # sys.stdout, not print: Ray Train V2 patches print to log *and* echo, which doubles each line
+                sys.stdout.write(format_progress(step, cfg.steps, metrics, samples_per_s, eta_s) + "\n")
+                sys.stdout.flush()
             if do_checkpoint and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(tmp, model, optimizer, scheduler, {**state, "train_config": cfg.to_dict()})
@@ -471,7 +475,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
     model_config = preset_config(cfg.preset, processor.tokenizer, **cfg.model_overrides)
 
     init_state = None
-    if cfg.init_from and not os.path.exists(run_path):
+    if cfg.init_from:  # used only when the run has no checkpoint yet
         torch.manual_seed(cfg.seed)
         model = ItemModel(model_config)
         model.init_from_bert(cfg.init_from)

@@ -84,6 +84,7 @@ def pretrain(catalog: str, out_dir: str, preset: str, workers: int, gpu: bool, s
         item-pipeline pretrain sample.parquet models/item-small --preset small --workers 2 --steps 2000
     """
     import ray
+    import ray.train
 
     from item_model.train import TrainConfig
     from item_model.train import pretrain as run_pretrain
@@ -101,8 +102,8 @@ def pretrain(catalog: str, out_dir: str, preset: str, workers: int, gpu: bool, s
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line per report
     try:
         version = run_pretrain(catalog, out_dir, cfg, resume=resume, overwrite=overwrite)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+    except (FileExistsError, FileNotFoundError, ValueError, ray.train.TrainingFailedError) as err:
+        raise click.ClickException(f"{type(err).__name__}: {err}") from err
     click.echo(f"model dir {out_dir} (model_version {version})")
 
 
