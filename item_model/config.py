@@ -9,6 +9,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
+ARCHITECTURES = ("single_stream", "two_stream")
+MODALITIES = ("image+title", "title", "image")
 # Token ids that must agree with the tokenizer are never defaulted: `preset_config` reads them from the
 # tokenizer, and `ItemModel` refuses a config where they are unset.
 _FROM_TOKENIZER = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
@@ -51,6 +53,11 @@ class ItemConfig(BertConfig):
     mim_weight: float = 1.0
     global_mlm_weight: float = 1.0
     global_mim_weight: float = 1.0
+    # --- which inputs and which architecture: the baselines of EVALUATION.md are these switches ---
+    architecture: str = "single_stream"  # "single_stream" (ITEm) | "two_stream" (see two_stream.py)
+    modalities: str = "image+title"  # "title" | "image": a single-modality model ignores the other input
+    use_contrastive: bool = False  # two_stream only: CLIP-style InfoNCE between title and image
+    contrastive_weight: float = 1.0
     # dropout off by default: the objectives' masking already regularises, and short CPU runs learn faster
     hidden_dropout_prob: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
@@ -75,9 +82,31 @@ class ItemConfig(BertConfig):
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"modalities {self.modalities!r} is not one of {MODALITIES}")
+        # an objective needs the inputs it predicts from: name the switch to turn off
+        needs = {"itm": "image+title", "mlm": "title", "global_mlm": "title", "mim": "image", "global_mim": "image"}
+        for name, modality in needs.items():
+            if getattr(self, f"use_{name}") and modality not in self.modalities:
+                raise ValueError(f"use_{name}=True needs the {modality} input but modalities={self.modalities!r}")
+        if self.architecture == "two_stream" and (self.modalities != "image+title" or not self.use_contrastive):
+            raise ValueError("architecture='two_stream' needs modalities='image+title' and use_contrastive=True")
         if self.max_title_len < 2:
             raise ValueError("max_title_len must leave room for [CLS] and [SEP] (>= 2)")
 
+
+# Variants: the model compared in EVALUATION.md, each a set of config switches over the same code.
+_OFF = dict(use_itm=False, use_mlm=False, use_mim=False, use_global_mlm=False, use_global_mim=False)
+VARIANTS: dict[str, dict] = {
+    "item": {},  # all five objectives
+    "item_no_global": dict(use_global_mlm=False, use_global_mim=False),  # ViLT-style: the paper's ablation
+    "title_only": dict(modalities="title", use_itm=False, use_mim=False, use_global_mim=False),
+    "image_only": dict(modalities="image", use_itm=False, use_mlm=False, use_global_mlm=False),
+    # separate title and image encoders of half the depth each, trained contrastively
+    "two_stream": dict(architecture="two_stream", use_contrastive=True, **_OFF),
+}
 
 # Presets: name -> architecture. The names say the shape, as timm's do.
 PRESETS: dict[str, dict] = {
@@ -102,14 +131,13 @@ PRESETS: dict[str, dict] = {
 PRESET_NAMES = {"tiny": "item_tiny_patch8_32", "small": "item_small_patch8_64", "base": "item_base_patch16_224"}
 
 
-def preset_config(name: str, tokenizer, **overrides) -> ItemConfig:
-    """The config of preset `name`, with vocab size and special token ids read from `tokenizer`.
-
-    `overrides` replace any field (objective switches, weights, sizes), which is how ablations and
-    baselines are made.
-    """
+def preset_config(name: str, tokenizer, variant: str = "item", **overrides) -> ItemConfig:
+    """The config of preset `name` and model `variant`, with vocab size and special token ids read from
+    `tokenizer`. `overrides` replace any field (objective switches, weights, sizes)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     ids = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -120,6 +148,6 @@ def preset_config(name: str, tokenizer, **overrides) -> ItemConfig:
     missing = [k for k, v in ids.items() if v is None]
     if missing:
         raise ValueError(f"tokenizer lacks {missing}: it needs [PAD], [CLS], [SEP] and [MASK] tokens")
-    config = ItemConfig(**{**PRESETS[name], **ids, **overrides})
+    config = ItemConfig(**{**PRESETS[name], **VARIANTS[variant], **ids, **overrides})
     config.check()
     return config

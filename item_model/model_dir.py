@@ -14,6 +14,9 @@ import torch
 from .config import ItemConfig
 from .modeling import ItemModel
 from .processor import ItemProcessor
+from .two_stream import TwoStreamModel
+
+MODEL_CLASSES = {"single_stream": ItemModel, "two_stream": TwoStreamModel}
 
 VERSION_FILE = "model_version"
 
@@ -27,7 +30,12 @@ def weights_version(directory: str) -> str:
     return f"item-{digest.hexdigest()[:16]}"
 
 
-def save_model_dir(model: ItemModel, processor: ItemProcessor, directory: str) -> str:
+def build_model(config: ItemConfig) -> ItemModel | TwoStreamModel:
+    """A freshly initialised model of the architecture that `config` names."""
+    return MODEL_CLASSES[config.architecture](config)
+
+
+def save_model_dir(model: ItemModel | TwoStreamModel, processor: ItemProcessor, directory: str) -> str:
     """Write a complete model dir and return its model_version."""
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
@@ -66,13 +74,16 @@ def check_compatible(config: ItemConfig, processor: ItemProcessor) -> None:
         raise ValueError(f"model and processor disagree ({detail}); they must be saved together by save_model_dir")
 
 
-def load_model_dir(directory: str, device: str | torch.device = "cpu") -> tuple[ItemModel, ItemProcessor]:
+def load_model_dir(
+    directory: str, device: str | torch.device = "cpu"
+) -> tuple[ItemModel | TwoStreamModel, ItemProcessor]:
     """Load (model in eval mode on `device`, processor) from a model dir made by save_model_dir."""
     if not os.path.exists(os.path.join(directory, "model.safetensors")):
         raise FileNotFoundError(
             f"{directory} has no model.safetensors: not a model dir (make one with `item-pipeline pretrain`)"
         )
     processor = ItemProcessor.from_pretrained(directory)
-    model = ItemModel.from_pretrained(directory, use_safetensors=True)
+    config = ItemConfig.from_pretrained(directory)
+    model = MODEL_CLASSES[config.architecture].from_pretrained(directory, config=config, use_safetensors=True)
     check_compatible(model.config, processor)
     return model.to(device).eval(), processor

@@ -34,6 +34,22 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, g * g, patch_size * patch_size * c)  # [B, N, P*P*C]
 
 
+def restrict_modalities(
+    config: ItemConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor, has_image: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hide the input a single-modality model must not see: the title becomes [CLS] [SEP], or the image
+    is marked absent. A no-op for the joint model."""
+    if config.modalities == "title":
+        has_image = torch.zeros_like(has_image)
+    elif config.modalities == "image":
+        t = input_ids.shape[1]
+        empty = torch.full((t,), config.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        empty[0], empty[1] = config.cls_token_id, config.sep_token_id
+        input_ids = empty.expand_as(input_ids)
+        attention_mask = (torch.arange(t, device=input_ids.device) < 2).to(attention_mask.dtype).expand_as(attention_mask)
+    return input_ids, attention_mask, has_image
+
+
 class ItemEmbeddings(nn.Module):
     """Token and patch embeddings, each with a position and a modality-type embedding."""
 
@@ -50,31 +66,35 @@ class ItemEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)  # BERT's name: checkpoints load into it
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> word + position + modality type 0, [B, T, D] (before LayerNorm)."""
+        t = input_ids.shape[1]
+        text = self.word_embeddings(input_ids)  # [B, T, D]
+        text = text + self.text_position_embeddings(torch.arange(t, device=input_ids.device))[None]
+        return text + self.modality_type_embeddings.weight[TEXT]
+
+    def embed_image(self, patches: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised patches [B, N, P*P*C] -> projection + position + modality type 1, [B, N, D].
+
+        Masked patches (MIM) are replaced by the learned [MASK] patch before the position is added.
+        """
+        n = patches.shape[1]
+        image = self.patch_projection(patches)  # [B, N, D]
+        if patch_mask is not None:
+            image = torch.where(patch_mask[..., None], self.mask_patch.to(image.dtype), image)
+        image = image + self.image_position_embeddings(torch.arange(n, device=patches.device))[None]
+        return image + self.modality_type_embeddings.weight[IMAGE]
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
         patches: torch.Tensor,  # [B, N, P*P*C] normalised pixels
         patch_mask: torch.Tensor | None = None,  # [B, N] bool: patches hidden from the encoder (MIM)
     ) -> torch.Tensor:
-        b, t = input_ids.shape
-        n = patches.shape[1]
-        device = input_ids.device
-
-        # text embeddings: word + position + modality type 0
-        text = self.word_embeddings(input_ids)  # [B, T, D]
-        text = text + self.text_position_embeddings(torch.arange(t, device=device))[None]
-        text = text + self.modality_type_embeddings.weight[TEXT]
-
-        # patch embeddings: linear projection of raw patches, masked ones replaced by [MASK] patch
-        image = self.patch_projection(patches)  # [B, N, D]
-        if patch_mask is not None:
-            image = torch.where(patch_mask[..., None], self.mask_patch.to(image.dtype), image)
-        image = image + self.image_position_embeddings(torch.arange(n, device=device))[None]
-        # modality type: 0 = text, 1 = image
-        image = image + self.modality_type_embeddings.weight[IMAGE]
-
+        # text embeddings (modality type 0) and patch embeddings (modality type 1), then
         # concatenate into one stream: [CLS] title [SEP] patches
-        return self.dropout(self.LayerNorm(torch.cat([text, image], dim=1)))  # [B, T+N, D]
+        stream = torch.cat([self.embed_text(input_ids), self.embed_image(patches, patch_mask)], dim=1)
+        return self.dropout(self.LayerNorm(stream))  # [B, T+N, D]
 
 
 class GlobalHead(nn.Module):
@@ -180,6 +200,7 @@ class ItemModel(PreTrainedModel):
         patch_mask: torch.Tensor | None = None,  # [B, N] bool, MIM only
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (final hidden states [B, T+N, D], the normalised patches [B, N, P*P*C])."""
+        input_ids, attention_mask, has_image = restrict_modalities(self.config, input_ids, attention_mask, has_image)
         patches = patchify(pixel_values, self.config.patch_size)  # [B, N, P*P*C]
         embeddings = self.embeddings(input_ids, patches.to(self.dtype), patch_mask)  # [B, T+N, D]
         n = patches.shape[1]
@@ -226,6 +247,7 @@ class ItemModel(PreTrainedModel):
         c = self.config
         b, t = input_ids.shape
         device = input_ids.device
+        input_ids, attention_mask, has_image = restrict_modalities(c, input_ids, attention_mask, has_image)
         has_title = attention_mask.sum(dim=1) > 2  # more than [CLS] [SEP]
 
         # modality dropout: some rows lose their title or their image, as rows in the catalog do

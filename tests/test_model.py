@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from item_model import (
-    PRESETS, ItemModel, ItemProcessor, load_model_dir, preset_config, read_model_version, save_model_dir,
-    train_tokenizer,
+    PRESETS, VARIANTS, ItemModel, ItemProcessor, build_model, load_model_dir, preset_config, read_model_version,
+    save_model_dir, train_tokenizer,
 )
 from item_model import objectives
 from item_model.modeling import patchify
@@ -204,3 +204,37 @@ def test_mismatched_processor_is_refused(tokenizer, tmp_path):
 def test_unknown_preset_names_the_choices(tokenizer):
     with pytest.raises(ValueError, match="tiny"):
         preset_config("huge", tokenizer)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_trains_encodes_and_round_trips(tokenizer, variant, tmp_path):
+    cfg = preset_config("tiny", tokenizer, variant=variant)
+    model = build_model(cfg).train()
+    batch = make_batch(tokenizer, cfg, n=16)
+    losses = model(**batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    losses["loss"].backward()
+    model.eval()
+    emb = model.encode(**batch)
+    assert emb.shape == (16, model.embedding_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(16))
+    save_model_dir(model, ItemProcessor(tokenizer, cfg.image_size, cfg.max_title_len), str(tmp_path))
+    loaded, _ = load_model_dir(str(tmp_path))
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(loaded.encode(**batch), emb)
+
+
+@pytest.mark.parametrize("variant,ignored", [("title_only", "image"), ("image_only", "title")])
+def test_single_modality_models_ignore_the_other_input(tokenizer, variant, ignored):
+    cfg = preset_config("tiny", tokenizer, variant=variant)
+    model = build_model(cfg).eval()
+    a, b = make_batch(tokenizer, cfg, n=8, seed=1), make_batch(tokenizer, cfg, n=8, seed=2)
+    keys = ["pixel_values", "has_image"] if ignored == "image" else ["input_ids", "attention_mask"]
+    mixed = {**a, **{k: b[k] for k in keys}}
+    torch.testing.assert_close(model.encode(**a), model.encode(**mixed))
+    assert not torch.allclose(model.encode(**a), model.encode(**b))
+
+
+def test_objective_that_needs_a_missing_modality_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="use_itm=True needs"):
+        preset_config("tiny", tokenizer, modalities="title")

@@ -161,6 +161,8 @@ def test_cli_pretrain_has_help_with_an_example():
 
 @pytest.fixture(scope="module")
 def ray_local():
+    if ray.is_initialized():  # another module's cluster (different env): start our own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield

@@ -1,0 +1,170 @@
+"""Catalog reading contract: column mapping, up-front schema validation, the id pass and content hashes.
+
+Everything here reads Parquet *metadata* or single columns only; the heavy reading (titles, image
+bytes) is done by the Ray Data stages in `pipeline/embed.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.fs as pafs
+
+from . import storage
+
+
+class CatalogSchemaError(ValueError):
+    """The catalog lacks a required column or has one of the wrong type; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnMap:
+    """Catalog column names, each overridable (`--column-map id=sku,title=name`)."""
+
+    item_id: str = "item_id"  # string or integer (integers are cast to string)
+    title: str = "title"  # string; null or "" = no title
+    image: str = "image"  # binary encoded JPEG/PNG/WebP bytes; null = no image
+    image_uri: str = "image_uri"  # string, local path or s3:// URI: used when `image` is absent
+    category: str = "category"  # string, null = unknown (not needed by the embedding job)
+    group_id: str = "group_id"  # ground-truth group, evaluation only
+
+    # the keys accepted on the command line (a class constant: no annotation, so not a field)
+    ALIASES = {"id": "item_id", "item_id": "item_id", "title": "title", "image": "image",
+               "image_uri": "image_uri", "category": "category", "group_id": "group_id", "group": "group_id"}
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "ColumnMap":
+        """`"id=sku,title=name,image=photo"` -> ColumnMap; unknown keys fail with the list of valid ones."""
+        if not spec:
+            return cls()
+        fields: dict[str, str] = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not value:
+                raise ValueError(f"--column-map entry {part!r} is not KEY=COLUMN (e.g. id=sku,title=name)")
+            if key not in cls.ALIASES:
+                raise ValueError(f"--column-map key {key!r} is unknown; use one of {sorted(set(cls.ALIASES))}")
+            fields[cls.ALIASES[key]] = value
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem over `storage.get_fs` (so local, s3:// and endpoint overrides behave the
+    same for pyarrow and Ray as for fsspec), and the bare path."""
+    fs, path = storage.get_fs(uri)
+    if storage.is_local(uri):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def open_dataset(uri: str) -> pds.Dataset:
+    """A pyarrow dataset over a Parquet file or a directory/prefix of them (files in sorted order)."""
+    fs, path = arrow_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"catalog {uri} does not exist")
+    if info.type == pafs.FileType.Directory:
+        files = sorted(
+            f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+            and not any(p.startswith(("_", ".")) for p in f.path[len(path):].split("/"))
+        )
+        if not files:
+            raise FileNotFoundError(f"catalog {uri} holds no .parquet files")
+        return pds.dataset(files, filesystem=fs, format="parquet")
+    return pds.dataset(path, filesystem=fs, format="parquet")
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+def validate_schema(uri: str, columns: ColumnMap) -> tuple[pa.Schema, list[str]]:
+    """Check the catalog's schema (Parquet footer only) and return it with the columns the embedding
+    job must read. Raises `CatalogSchemaError` naming the column and the fix."""
+    schema = open_dataset(uri).schema
+    have = schema.names
+
+    def missing(role: str, option: str) -> CatalogSchemaError:
+        return CatalogSchemaError(
+            f"column {getattr(columns, role)!r} ({role}) is missing; the catalog has {have}; "
+            f"map yours with --column-map {option}=NAME"
+        )
+
+    def mistyped(role: str, want: str) -> CatalogSchemaError:
+        name = getattr(columns, role)
+        return CatalogSchemaError(
+            f"column {name!r} ({role}) has type {schema.field(name).type}, expected {want}; "
+            f"cast it in the catalog or map another column with --column-map"
+        )
+
+    if columns.item_id not in have:
+        raise missing("item_id", "id")
+    t = schema.field(columns.item_id).type
+    if not (_is_string(t) or pa.types.is_integer(t)):
+        raise mistyped("item_id", "string or integer")
+    if columns.title not in have:
+        raise missing("title", "title")
+    if not _is_string(schema.field(columns.title).type):
+        raise mistyped("title", "string")
+    needed = [columns.item_id, columns.title]
+    if columns.image in have:
+        if not _is_binary(schema.field(columns.image).type):
+            raise mistyped("image", "binary (encoded JPEG/PNG/WebP bytes)")
+        needed.append(columns.image)
+    elif columns.image_uri in have:
+        if not _is_string(schema.field(columns.image_uri).type):
+            raise mistyped("image_uri", "string (local path or s3:// URI)")
+        needed.append(columns.image_uri)
+    else:
+        raise CatalogSchemaError(
+            f"neither an image column {columns.image!r} nor an image URI column {columns.image_uri!r} is in "
+            f"the catalog; it has {have}; map yours with --column-map image=NAME or image_uri=NAME"
+        )
+    return schema, needed
+
+
+def id_as_string(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Item ids are strings in every output; integer ids are cast (nulls stay null)."""
+    return ids if _is_string(ids.type) else pc.cast(ids, pa.string())
+
+
+def duplicate_ids(uri: str, columns: ColumnMap) -> tuple[set[str], int]:
+    """The cheap global pass: read only the id column; return (ids that occur more than once, rows)."""
+    table = open_dataset(uri).to_table(columns=[columns.item_id])
+    ids = id_as_string(table.column(columns.item_id))
+    counts = pc.value_counts(ids.drop_null())
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    return set(dup.to_pylist()), len(ids)
+
+
+def content_hash(title: str | None, image: bytes | None) -> str:
+    """Stable 32-hex-digit hash of (title, image bytes): length-prefixed, so no two rows collide by
+    concatenation, and a missing image differs from zero bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    t = (title or "").encode("utf-8")
+    h.update(len(t).to_bytes(8, "little"))
+    h.update(t)
+    if image is None:
+        h.update(b"\x00")
+    else:
+        h.update(b"\x01" + len(image).to_bytes(8, "little"))
+        h.update(image)
+    return h.hexdigest()
+
+
+def content_hashes(titles: Iterable[str | None], images: Iterable[bytes | None]) -> list[str]:
+    return [content_hash(t, i) for t, i in zip(titles, images)]

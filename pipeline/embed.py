@@ -1,0 +1,495 @@
+"""The embedding job: catalog Parquet -> validate -> decode/tokenise (CPU tasks) -> encode (actor pool) ->
+embedding table + rejects table, published atomically with its manifest.
+
+    read_parquet(needed columns)          Ray read tasks
+      -> Preprocess                       CPU tasks: validate rows, hash, tokenise, decode (uint8 pixels)
+      -> Encoder                          actor pool: model loaded once per actor, GPU (bf16) or CPU
+      -> driver: iter_batches             split by `status` into part files: embeddings, rejects
+    + unchanged rows (--previous)         copied from the previous table, never re-encoded
+    -> storage.publish(staging, OUT)      `_manifest.json` last: the commit point
+
+The pipeline is a single pass: every row leaves Preprocess with a `status` (ok / reject / unchanged)
+and its reason, and the writer splits on it. `Preprocess` and `Encoder` know nothing of Ray: each is a
+plain class called on a dict (or Arrow table) batch, testable without a cluster. Resources (batch size,
+actor pool size, GPUs per actor, torch threads) are arguments; `ray.init` is the caller's business.
+
+Duplicate ids need a global view: a cheap pass over the id column (ids only) finds them before the heavy
+stages. Rows with a duplicated id are taken out of the streaming read and handled from a small driver-side
+table: the first occurrence (sorted file order, then row order) is embedded, every later one rejected.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from item_model import ImageDecodeError, ItemProcessor, decode_image, load_model_dir, read_model_version
+
+from . import storage
+from .catalog import ColumnMap, arrow_filesystem, content_hash, duplicate_ids, id_as_string, open_dataset, validate_schema
+
+log = logging.getLogger(__name__)
+
+OK, REJECT, UNCHANGED = "ok", "reject", "unchanged"
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+REJECTS_DIR = "_rejects"  # inside OUT: Parquet readers skip `_`-prefixed paths, publish moves it with OUT
+
+EMBEDDING_COLUMNS = ("item_id", "embedding", "modalities", "content_hash", "model_version", "embedded_at")
+REJECTS_SCHEMA = pa.schema([
+    ("item_id", pa.string()),  # null for a null id
+    ("stage", pa.string()),  # validate (id checks) | preprocess (content checks)
+    ("reason", pa.string()),  # null_id | duplicate_id | no_content | unusable_image_no_title
+    ("detail", pa.string()),  # human-readable: the decoder's message, the row that won a duplicate id
+])
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """The embedding table (ARCHITECTURE.md): plain Arrow types every Parquet reader understands."""
+    return pa.schema([
+        ("item_id", pa.string()),
+        ("embedding", pa.list_(pa.float32(), dim)),  # fixed_size_list<float32>[D], L2-normalised
+        ("modalities", pa.string()),  # image+title | title | image
+        ("content_hash", pa.string()),  # catalog.content_hash(title, image bytes)
+        ("model_version", pa.string()),
+        ("embedded_at", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+    """How to run the job. Resources are decided by the caller (CLI, jobs/), never here."""
+
+    batch_size: int = 256  # rows per preprocess and per encode call
+    concurrency: int = 1  # encode actors in the pool
+    num_gpus: float = 0  # GPUs per encode actor; > 0 means cuda + bf16 autocast
+    encode_cpus: float = 1  # CPUs Ray reserves per encode actor
+    encode_threads: int | None = None  # torch threads per encode actor; None = torch's default
+    previous: str | None = None  # a published embedding table: unchanged rows are carried over
+    columns: ColumnMap = dataclasses.field(default_factory=ColumnMap)
+    overwrite: bool = False  # replace a published OUT
+    rows_per_file: int = 100_000  # rows per output part file
+    run_id: str | None = None  # names the staging dir; random when None
+
+
+# --- preprocess (CPU) ------------------------------------------------------------------------------
+
+
+def _is_usable_title(title: Any) -> bool:
+    return isinstance(title, str) and bool(title.strip())
+
+
+def _fetch(uri: str) -> bytes:
+    fs, path = storage.get_fs(uri)
+    return fs.cat_file(path)
+
+
+class Preprocess:
+    """Catalog rows -> model inputs (numpy) plus each row's status, reason, modalities and content hash.
+
+    Rows whose id is in `drop_ids` are left out of the output (the driver handles duplicated ids);
+    rows whose (id, content hash) is in `previous` are marked unchanged and not decoded.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        columns: ColumnMap,
+        drop_ids: frozenset[str] | set[str] = frozenset(),
+        previous: Mapping[str, str] | None = None,
+    ) -> None:
+        self.processor = ItemProcessor.from_pretrained(model_dir)
+        self.columns = columns
+        self.drop_ids = drop_ids
+        self.previous = previous or {}
+
+    def _image_bytes(self, table: pa.Table) -> tuple[list[bytes | None], list[str]]:
+        """Inline bytes, or bytes fetched from `image_uri` (a failed fetch is an unusable image)."""
+        n = table.num_rows
+        if self.columns.image in table.column_names:
+            return table.column(self.columns.image).to_pylist(), [""] * n
+        images: list[bytes | None] = []
+        errors: list[str] = []
+        for uri in table.column(self.columns.image_uri).to_pylist():
+            if not uri:
+                images.append(None)
+                errors.append("")
+                continue
+            try:
+                images.append(_fetch(uri))
+                errors.append("")
+            except Exception as e:  # any storage error: the row continues without its image
+                images.append(None)
+                errors.append(f"fetch_failed: {type(e).__name__}: {e}")
+        return images, errors
+
+    def __call__(self, batch: pa.Table | Mapping[str, Sequence]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        table = batch if isinstance(batch, pa.Table) else pa.table({k: list(v) for k, v in batch.items()})
+        ids = id_as_string(table.column(self.columns.item_id)).to_pylist()
+        keep = [i for i, item_id in enumerate(ids) if item_id not in self.drop_ids]
+        if len(keep) < len(ids):
+            table = table.take(keep)
+            ids = [ids[i] for i in keep]
+        titles = table.column(self.columns.title).to_pylist()
+        images, fetch_errors = self._image_bytes(table)
+        n, size = len(ids), self.processor.image_size
+
+        out_id, status, reason, detail, hashes, modalities, image_error = ([""] * n for _ in range(7))
+        pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+        has_image = np.zeros(n, dtype=bool)
+        for i in range(n):
+            item_id, title, image = ids[i], titles[i], images[i]
+            if not item_id:  # null or "" id: nothing downstream could refer to the row
+                status[i], reason[i], detail[i] = REJECT, "null_id", "" if item_id is None else "empty string id"
+                continue
+            out_id[i] = item_id
+            hashes[i] = content_hash(title, image)
+            if self.previous.get(item_id) == hashes[i]:
+                status[i] = UNCHANGED
+                continue
+            if fetch_errors[i]:
+                image_error[i] = fetch_errors[i]
+            elif image is not None:
+                try:
+                    pixels[i] = decode_image(image, size)
+                    has_image[i] = True
+                except ImageDecodeError as e:
+                    image_error[i] = str(e)
+            with_title = _is_usable_title(title)
+            if with_title or has_image[i]:
+                status[i] = OK
+                modalities[i] = "image+title" if with_title and has_image[i] else "title" if with_title else "image"
+            elif image_error[i]:
+                status[i], reason[i], detail[i] = REJECT, "unusable_image_no_title", image_error[i]
+            else:
+                status[i], reason[i], detail[i] = REJECT, "no_content", "no title and no image"
+
+        tokens = self.processor.tokenize([t if _is_usable_title(t) else "" for t in titles])
+        elapsed = time.perf_counter() - start
+        obj = lambda xs: np.array(xs, dtype=object)  # noqa: E731 - strings stay Python strings for Arrow
+        return {
+            "item_id": obj(out_id), "status": obj(status), "stage": obj(["preprocess"] * n),
+            "reason": obj(reason), "detail": obj(detail), "content_hash": obj(hashes),
+            "modalities": obj(modalities), "image_error": obj(image_error),
+            **tokens, "pixel_values": pixels, "has_image": has_image,
+            "_preprocess_s": np.full(n, elapsed / max(n, 1)),
+        }
+
+
+# Ray runs preprocess as tasks; a worker process keeps one Preprocess per job so that the tokenizer is
+# loaded once per worker, not once per batch.
+_PREPROCESS_CACHE: dict[str, Preprocess] = {}
+
+
+def _preprocess_task(batch: pa.Table, *, key: str, model_dir: str, columns: ColumnMap, lookups: Any) -> dict:
+    import ray
+
+    if key not in _PREPROCESS_CACHE:
+        drop_ids, previous = ray.get(lookups) if isinstance(lookups, ray.ObjectRef) else lookups
+        if len(_PREPROCESS_CACHE) >= 4:  # a long-lived worker serves several jobs: keep the last few
+            _PREPROCESS_CACHE.pop(next(iter(_PREPROCESS_CACHE)))
+        _PREPROCESS_CACHE[key] = Preprocess(model_dir, columns, drop_ids, previous)
+    return _PREPROCESS_CACHE[key](batch)
+
+
+# --- encode (GPU or CPU actor) ---------------------------------------------------------------------
+
+
+class Encoder:
+    """Loads the model dir once; `__call__(batch) -> batch` adds `embedding` [B, D] float32 for the rows
+    with status ok (zeros elsewhere) and drops the model inputs. GPU: bf16 autocast, pinned memory,
+    non-blocking copies. CPU: fp32, `num_threads` torch threads."""
+
+    def __init__(self, model_dir: str, device: str | None = None, num_threads: int | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model, _ = load_model_dir(model_dir, self.device)
+        self.dim = self.model.embedding_dim
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        if not array.flags.writeable or not array.flags.c_contiguous:  # Ray hands out read-only views
+            array = np.ascontiguousarray(array).copy()
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def encode(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Model inputs (numpy, as Preprocess made them) -> [B, D] float32 unit vectors."""
+        tensors = {k: self._to_device(inputs[k]) for k in MODEL_INPUTS}
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            return self.model.encode(**tensors).float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        ok = np.asarray(batch["status"] == OK)
+        n = len(ok)
+        embedding = np.zeros((n, self.dim), dtype=np.float32)
+        if ok.all():
+            embedding[:] = self.encode(batch)
+        elif ok.any():
+            rows = np.flatnonzero(ok)
+            embedding[rows] = self.encode({k: batch[k][rows] for k in MODEL_INPUTS})
+        out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+        out["embedding"] = embedding
+        out["_encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        return out
+
+
+# --- write (driver, streaming) ---------------------------------------------------------------------
+
+
+class _PartWriter:
+    """Buffers Arrow tables and writes `part-00000.parquet`, ... of about `rows_per_file` rows each."""
+
+    def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int) -> None:
+        self.fs, self.path = arrow_filesystem(dir_uri)
+        self.fs.create_dir(self.path, recursive=True)
+        self.schema, self.rows_per_file = schema, rows_per_file
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.files: list[str] = []
+        self.rows = 0
+        self.seconds = 0.0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.buffer.append(table.cast(self.schema))
+            self.buffered += table.num_rows
+        while self.buffered >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def _flush(self, rows: int) -> None:
+        start = time.perf_counter()
+        table = pa.concat_tables(self.buffer)
+        head, rest = table.slice(0, rows), table.slice(rows)
+        name = f"part-{len(self.files):05d}.parquet"
+        pq.write_table(head, f"{self.path}/{name}", filesystem=self.fs)
+        self.files.append(name)
+        self.rows += head.num_rows
+        self.buffer, self.buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        self.seconds += time.perf_counter() - start
+
+    def close(self) -> list[str]:
+        """Write what is left; an empty table still gets one (empty) part file, so it has a schema."""
+        if self.buffered or not self.files:
+            if not self.buffer:
+                self.buffer = [self.schema.empty_table()]
+            self._flush(self.buffered)
+        return self.files
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+def _read_previous(previous_uri: str, model_version: str) -> dict[str, str]:
+    """item_id -> content_hash of the previous table's rows embedded by this same model version."""
+    storage.read_manifest(previous_uri)  # a clear error when it is not a published table
+    table = open_dataset(previous_uri).to_table(
+        columns=["item_id", "content_hash"], filter=pc.field("model_version") == model_version
+    )
+    return dict(zip(table.column("item_id").to_pylist(), table.column("content_hash").to_pylist()))
+
+
+def _split_duplicates(catalog_uri: str, columns: ColumnMap, needed: list[str], dup: set[str]) -> tuple[pa.Table, pa.Table]:
+    """Rows with a duplicated id -> (first occurrences to embed, rejects for every later one)."""
+    ds = open_dataset(catalog_uri)
+    id_expr = pc.field(columns.item_id).cast(pa.string())
+    rows = ds.to_table(columns=needed, filter=id_expr.isin(sorted(dup)))  # sorted files, row order
+    ids = id_as_string(rows.column(columns.item_id)).to_pylist()
+    first: dict[str, int] = {}
+    losers: list[int] = []
+    for i, item_id in enumerate(ids):
+        if item_id in first:
+            losers.append(i)
+        else:
+            first[item_id] = i
+    rejects = pa.table(
+        {
+            "item_id": [ids[i] for i in losers],
+            "stage": ["validate"] * len(losers),
+            "reason": ["duplicate_id"] * len(losers),
+            "detail": ["an earlier row (sorted file order, then row order) has this id and is the one kept"] * len(losers),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+    return rows.take(sorted(first.values())), rejects
+
+
+def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOptions | None = None) -> dict[str, Any]:
+    """Embed every row of the catalog at `catalog_uri` with the model at `model_dir` and publish the
+    embedding table (and `_rejects/`) at `out_uri`. Returns the manifest.
+
+    Raises `CatalogSchemaError` (bad schema) or `FileExistsError` (published output, no overwrite) before
+    any work. Ray must already be initialised by the caller.
+    """
+    import ray
+
+    options = options or EmbedOptions()
+    columns = options.columns
+    wall_start = time.perf_counter()
+    created_at = dt.datetime.now(dt.timezone.utc)
+    timings: dict[str, float] = {}
+
+    # validate: schema, destination, duplicate ids (ids only), previous table
+    storage.check_can_publish(out_uri, options.overwrite)
+    _, needed = validate_schema(catalog_uri, columns)
+    model_version = read_model_version(model_dir)
+    dup, rows_in = duplicate_ids(catalog_uri, columns)
+    previous = _read_previous(options.previous, model_version) if options.previous else {}
+    winners, dup_rejects = _split_duplicates(catalog_uri, columns, needed, dup) if dup else (None, None)
+    timings["validate_s"] = time.perf_counter() - wall_start
+
+    files = open_dataset(catalog_uri).files
+    fs, _ = arrow_filesystem(catalog_uri)
+    key = options.run_id or uuid.uuid4().hex
+    lookups = ray.put((frozenset(dup), previous))
+    prep_kwargs = dict(key=key, model_dir=model_dir, columns=columns)
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=needed).map_batches(
+        _preprocess_task, fn_kwargs={**prep_kwargs, "lookups": lookups},
+        batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1,
+    )
+    if winners is not None and winners.num_rows:
+        ds = ds.union(ray.data.from_arrow(winners).map_batches(
+            _preprocess_task, fn_kwargs={**prep_kwargs, "key": key + "-dup", "lookups": (frozenset(), previous)},
+            batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1,
+        ))
+    ds = ds.map_batches(
+        Encoder,
+        fn_constructor_kwargs=dict(
+            model_dir=model_dir, device="cuda" if options.num_gpus > 0 else "cpu", num_threads=options.encode_threads
+        ),
+        compute=ray.data.ActorPoolStrategy(size=options.concurrency),
+        num_gpus=options.num_gpus, num_cpus=options.encode_cpus,
+        batch_size=options.batch_size, batch_format="numpy",
+    )
+
+    with storage.staging(out_uri, options.run_id) as stage:
+        rejects = _PartWriter(storage.join(stage, REJECTS_DIR), REJECTS_SCHEMA, options.rows_per_file)
+        reject_reasons: collections.Counter[str] = collections.Counter()
+        if dup_rejects is not None:
+            rejects.add(dup_rejects)
+            reject_reasons["duplicate_id"] += dup_rejects.num_rows
+        embeddings: _PartWriter | None = None
+        unchanged: list[str] = []
+        image_errors: collections.Counter[str] = collections.Counter()
+        modalities: collections.Counter[str] = collections.Counter()
+        busy = {"preprocess_s": 0.0, "encode_s": 0.0}
+        pipeline_start = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            busy["preprocess_s"] += float(batch["_preprocess_s"].sum())
+            busy["encode_s"] += float(batch["_encode_s"].sum())
+            status = batch["status"]
+            if embeddings is None:
+                embeddings = _PartWriter(stage, embedding_schema(batch["embedding"].shape[1]), options.rows_per_file)
+            ok = np.flatnonzero(status == OK)
+            if len(ok):
+                embeddings.add(pa.table({
+                    "item_id": pa.array(batch["item_id"][ok], pa.string()),
+                    "embedding": storage.embedding_array(batch["embedding"][ok]),
+                    "modalities": pa.array(batch["modalities"][ok], pa.string()),
+                    "content_hash": pa.array(batch["content_hash"][ok], pa.string()),
+                    "model_version": pa.array([model_version] * len(ok), pa.string()),
+                    "embedded_at": pa.array([created_at] * len(ok), pa.timestamp("us", tz="UTC")),
+                }))
+                modalities.update(batch["modalities"][ok].tolist())
+                image_errors.update(e.split(":", 1)[0] for e in batch["image_error"][ok].tolist() if e)
+            bad = np.flatnonzero(status == REJECT)
+            if len(bad):
+                reasons = batch["reason"][bad].tolist()
+                reject_reasons.update(reasons)
+                rejects.add(pa.table({
+                    "item_id": [None if r == "null_id" else i for r, i in zip(reasons, batch["item_id"][bad].tolist())],
+                    "stage": batch["stage"][bad].tolist(), "reason": reasons, "detail": batch["detail"][bad].tolist(),
+                }, schema=REJECTS_SCHEMA))
+            unchanged.extend(batch["item_id"][status == UNCHANGED].tolist())
+        pipeline_s = time.perf_counter() - pipeline_start
+
+        if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
+            model, _ = load_model_dir(model_dir, "cpu")
+            embeddings = _PartWriter(stage, embedding_schema(model.embedding_dim), options.rows_per_file)
+        embedded = embeddings.rows + embeddings.buffered
+        carried = _carry_over(options.previous, unchanged, embeddings) if unchanged else 0
+        if carried != len(unchanged):
+            raise RuntimeError(f"{len(unchanged)} rows were unchanged but {carried} were found in {options.previous}")
+        embedding_files, rejects_files = embeddings.close(), rejects.close()
+        rejected = rejects.rows
+        timings.update(busy)
+        timings["write_s"] = embeddings.seconds + rejects.seconds
+        timings["pipeline_s"] = pipeline_s
+        timings["wall_s"] = time.perf_counter() - wall_start
+        manifest = {
+            "kind": "embeddings",
+            "catalog": catalog_uri,
+            "column_map": columns.to_dict(),
+            "model_dir": model_dir,
+            "model_version": model_version,
+            "dim": embeddings.schema.field("embedding").type.list_size,
+            "schema": str(embeddings.schema),
+            "rows_in": rows_in,
+            "embedded": embedded,
+            "unchanged_skipped": carried,
+            "rejected": rejected,
+            "rejects_by_reason": dict(sorted(reject_reasons.items())),
+            "image_errors": dict(sorted(image_errors.items())),
+            "modalities": dict(sorted(modalities.items())),
+            "files": embedding_files,
+            "rejects": {"path": REJECTS_DIR, "files": rejects_files, "schema": str(REJECTS_SCHEMA)},
+            "previous": options.previous,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "rows_per_s": round(rows_in / timings["wall_s"], 1) if timings["wall_s"] else None,
+            "resources": {"batch_size": options.batch_size, "concurrency": options.concurrency,
+                          "num_gpus": options.num_gpus, "encode_cpus": options.encode_cpus,
+                          "encode_threads": options.encode_threads},
+            "created_at": created_at.isoformat(),
+        }
+        if rows_in != embedded + carried + rejected:
+            raise RuntimeError(
+                f"counts do not reconcile: rows_in {rows_in} != embedded {embedded} + unchanged {carried} + "
+                f"rejected {rejected}; nothing was published"
+            )
+        storage.publish(stage, out_uri, manifest, overwrite=options.overwrite)
+    log.info(summary_line(manifest))
+    return manifest
+
+
+def _carry_over(previous_uri: str, unchanged: list[str], writer: _PartWriter) -> int:
+    """Copy the unchanged rows (embedding, modalities, embedded_at as they were) from the previous
+    table into this one, streaming; returns how many were copied."""
+    scanner = open_dataset(previous_uri).scanner(
+        columns=list(EMBEDDING_COLUMNS), filter=pc.field("item_id").isin(unchanged)
+    )
+    copied = 0
+    for record_batch in scanner.to_batches():
+        writer.add(pa.Table.from_batches([record_batch]))
+        copied += record_batch.num_rows
+    return copied
+
+
+def summary_line(manifest: Mapping[str, Any]) -> str:
+    """One line for logs: throughput, counts and rejects by reason."""
+    reasons = ", ".join(f"{k} {v}" for k, v in manifest["rejects_by_reason"].items()) or "none"
+    errors = ", ".join(f"{k} {v}" for k, v in manifest["image_errors"].items()) or "none"
+    return (
+        f"embed: {manifest['rows_in']} rows in {manifest['timings']['wall_s']:.1f}s "
+        f"({manifest['rows_per_s']} rows/s): embedded {manifest['embedded']}, "
+        f"unchanged {manifest['unchanged_skipped']}, rejected {manifest['rejected']} ({reasons}); "
+        f"image errors: {errors}"
+    )

@@ -1,0 +1,72 @@
+"""Catalog contract: column map parsing, schema validation before any work, the id pass, content hashes."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.catalog import CatalogSchemaError, ColumnMap, content_hash, duplicate_ids, validate_schema
+
+
+def _write(path, **columns) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_column_map_parse() -> None:
+    cm = ColumnMap.parse("id=sku, title=name,image=photo")
+    assert (cm.item_id, cm.title, cm.image, cm.image_uri) == ("sku", "name", "photo", "image_uri")
+    assert ColumnMap.parse(None) == ColumnMap()
+    with pytest.raises(ValueError, match="unknown"):
+        ColumnMap.parse("colour=c")
+    with pytest.raises(ValueError, match="KEY=COLUMN"):
+        ColumnMap.parse("title")
+
+
+def test_validate_schema_accepts_defaults_and_integer_ids(tmp_path) -> None:
+    uri = _write(tmp_path / "c.parquet", item_id=pa.array([1, 2]), title=["a", "b"], image=pa.array([b"x", None]))
+    schema, needed = validate_schema(uri, ColumnMap())
+    assert needed == ["item_id", "title", "image"]
+    assert pa.types.is_integer(schema.field("item_id").type)
+
+
+def test_validate_schema_missing_column_names_it_and_the_fix(tmp_path) -> None:
+    uri = _write(tmp_path / "c.parquet", item_id=["1"], name=["a"], image=pa.array([b"x"]))
+    with pytest.raises(CatalogSchemaError, match=r"'title'.*missing.*\['item_id', 'name', 'image'\].*--column-map title=NAME"):
+        validate_schema(uri, ColumnMap())
+    _, needed = validate_schema(uri, ColumnMap.parse("title=name"))
+    assert needed == ["item_id", "name", "image"]
+
+
+def test_validate_schema_wrong_types(tmp_path) -> None:
+    uri = _write(tmp_path / "a.parquet", item_id=["1"], title=["a"], image=["not bytes"])
+    with pytest.raises(CatalogSchemaError, match=r"'image'.*type string.*binary"):
+        validate_schema(uri, ColumnMap())
+    uri = _write(tmp_path / "b.parquet", item_id=[1.5], title=["a"], image=pa.array([b"x"]))
+    with pytest.raises(CatalogSchemaError, match=r"'item_id'.*string or integer"):
+        validate_schema(uri, ColumnMap())
+    uri = _write(tmp_path / "c.parquet", item_id=["1"], title=["a"])
+    with pytest.raises(CatalogSchemaError, match="image=NAME or image_uri=NAME"):
+        validate_schema(uri, ColumnMap())
+
+
+def test_validate_schema_image_uri_catalog(tmp_path) -> None:
+    uri = _write(tmp_path / "c.parquet", item_id=["1"], title=["a"], image_uri=["s3://b/k.jpg"])
+    assert validate_schema(uri, ColumnMap())[1] == ["item_id", "title", "image_uri"]
+
+
+def test_duplicate_ids_over_a_directory(tmp_path) -> None:
+    (tmp_path / "cat").mkdir()
+    _write(tmp_path / "cat" / "part-0.parquet", item_id=["a", "b", None], title=["", "", ""])
+    _write(tmp_path / "cat" / "part-1.parquet", item_id=["b", "c", None], title=["", "", ""])
+    dup, rows = duplicate_ids(str(tmp_path / "cat"), ColumnMap())
+    assert dup == {"b"} and rows == 6  # nulls are not duplicates of each other: they are null_id rejects
+
+
+def test_content_hash_is_stable_and_separates_fields() -> None:
+    assert content_hash("red mug", b"\xff\xd8") == content_hash("red mug", b"\xff\xd8")
+    assert len(content_hash("a", None)) == 32
+    assert content_hash("ab", b"c") != content_hash("a", b"bc")  # no collision by concatenation
+    assert content_hash("a", None) != content_hash("a", b"")  # missing image differs from zero bytes
+    assert content_hash(None, None) == content_hash("", None)  # null title is the empty title

@@ -1,0 +1,254 @@
+"""The embedding job end to end on a generated catalog: local Ray (2 CPUs), real Parquet, a moto S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from item_model import load_model_dir
+from pipeline import storage
+from pipeline.catalog import CatalogSchemaError, ColumnMap
+from pipeline.embed import REJECTS_DIR, Encoder, EmbedOptions, Preprocess, run_embed
+from pipeline.sample_catalog import EXPECTED_OUTCOME, make_sample_catalog, write_sample_catalog
+
+CATALOG_ROWS = 150
+OPTIONS = EmbedOptions(batch_size=32, rows_per_file=60)  # several part files and several batches
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on 127.0.0.1 and the AWS_* variables that point s3fs / botocore at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_env):
+    """Local Ray on 2 CPUs, started after the S3 variables are set so that every worker inherits them."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": s3_env}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> tuple[str, pa.Table]:
+    path = str(tmp_path_factory.mktemp("catalog") / "catalog")
+    table = write_sample_catalog(path, CATALOG_ROWS, seed=7, rows_per_file=50)
+    return path, table
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_local, catalog, tiny_model_dir, tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("emb") / "out")
+    return out, run_embed(catalog[0], tiny_model_dir, out, OPTIONS)
+
+
+def _read(out: str) -> pa.Table:
+    return pq.read_table(out)  # a plain directory read: `_rejects/` and `_manifest.json` are skipped
+
+
+def test_every_row_embedded_once_or_rejected_with_its_reason(embedded, catalog) -> None:
+    out, manifest = embedded
+    _, cat = catalog
+    table, rejects = _read(out), pq.read_table(storage.join(out, REJECTS_DIR))
+    ids = table.column("item_id").to_pylist()
+    assert len(ids) == len(set(ids))  # every id at most once
+    modalities = dict(zip(ids, table.column("modalities").to_pylist()))
+    reject_reasons = list(zip(rejects.column("item_id").to_pylist(), rejects.column("reason").to_pylist()))
+
+    for row in cat.to_pylist():
+        expected = EXPECTED_OUTCOME.get(row["defect"], "image+title")
+        if row["defect"] == "null_id":
+            continue
+        if row["defect"] == "duplicate_id":  # the later row is rejected; the earlier one (same id) is kept
+            assert (row["item_id"], "duplicate_id") in reject_reasons
+            assert row["item_id"] in modalities
+        elif expected == "reject":
+            assert (row["item_id"], row["defect"]) in reject_reasons, row
+            assert row["item_id"] not in modalities
+        else:
+            assert modalities[row["item_id"]] == expected, row
+
+    defects = pc.value_counts(cat.column("defect").drop_null()).to_pylist()
+    defects = {d["values"]: d["counts"] for d in defects}
+    assert manifest["rejects_by_reason"] == {k: defects[k] for k in ("duplicate_id", "no_content", "null_id")}
+    assert sum(1 for i, r in reject_reasons if i is None and r == "null_id") == defects["null_id"]
+    assert sum(manifest["image_errors"].values()) == defects["corrupt_image"] + defects["truncated_image"]
+    assert set(rejects.column("stage").to_pylist()) <= {"validate", "preprocess"}
+
+
+def test_counts_reconcile_and_manifest_is_complete(embedded, tiny_model_dir) -> None:
+    out, manifest = embedded
+    on_disk = storage.read_manifest(out)
+    assert on_disk["rows_in"] == CATALOG_ROWS == manifest["rows_in"]
+    assert manifest["rows_in"] == manifest["embedded"] + manifest["unchanged_skipped"] + manifest["rejected"]
+    assert manifest["embedded"] == _read(out).num_rows
+    assert manifest["rejected"] == pq.read_table(storage.join(out, REJECTS_DIR)).num_rows
+    assert manifest["model_version"] == load_model_dir(tiny_model_dir)[0].config.model_version
+    assert manifest["dim"] == 32
+    assert manifest["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for stage in ("validate_s", "preprocess_s", "encode_s", "write_s", "wall_s"):
+        assert manifest["timings"][stage] >= 0
+    assert not any(".staging-" in p for p in os.listdir(os.path.dirname(out)))
+
+
+def test_vectors_are_unit_norm_and_equal_direct_encode(embedded, catalog, tiny_model_dir) -> None:
+    out, _ = embedded
+    table = _read(out)
+    vectors = storage.embedding_matrix(table.column("embedding"))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    cat = catalog[1].filter(pc.is_in(catalog[1].column("item_id"), table.column("item_id")))
+    cat = cat.filter(pc.invert(pc.fill_null(pc.equal(cat.column("defect"), "duplicate_id"), False)))
+    model, processor = load_model_dir(tiny_model_dir)
+    titles = [t if t.strip() else "" for t in cat.column("title").to_pylist()]
+    inputs = processor(titles, cat.column("image").to_pylist())
+    import torch
+
+    direct = model.encode(**{k: torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values", "has_image")})
+    by_id = dict(zip(table.column("item_id").to_pylist(), vectors))
+    got = np.stack([by_id[i] for i in cat.column("item_id").to_pylist()])
+    np.testing.assert_allclose(got, direct.numpy(), atol=1e-5)
+
+
+def test_output_reads_back_with_pyarrow_pandas_duckdb(embedded) -> None:
+    out, manifest = embedded
+    table = _read(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)  # no Ray tensor extension
+    assert table.schema.field("embedded_at").type == pa.timestamp("us", tz="UTC")
+    import pandas as pd
+
+    df = pd.read_parquet(out)
+    assert len(df) == manifest["embedded"] and len(df["embedding"].iloc[0]) == 32
+    n, dim, n_ids, modalities = duckdb.sql(
+        f"SELECT count(*), max(len(embedding)), count(DISTINCT item_id), count(DISTINCT modalities) "
+        f"FROM read_parquet('{out}/*.parquet')"
+    ).fetchall()[0]
+    assert (n, dim, n_ids) == (manifest["embedded"], 32, manifest["embedded"]) and modalities == 3
+
+
+def test_incremental_reencodes_only_changed_rows(embedded, catalog, tiny_model_dir, tmp_path) -> None:
+    prev_out, _ = embedded
+    cat = catalog[1]
+    rows = cat.to_pylist()
+    clean = [i for i, r in enumerate(rows) if r["defect"] is None]
+    changed = {rows[i]["item_id"] for i in clean[:3]}
+    for i in clean[:3]:
+        rows[i]["title"] = rows[i]["title"] + " v2"
+    removed = rows.pop(clean[3])["item_id"]
+    new = [dict(rows[clean[4]], item_id=f"new-{k}", defect=None) for k in range(2)]
+    updated = pa.Table.from_pylist(rows + new, schema=cat.schema)
+    (tmp_path / "cat2").mkdir()
+    pq.write_table(updated, tmp_path / "cat2" / "part-0.parquet")
+
+    out = str(tmp_path / "out2")
+    m = run_embed(str(tmp_path / "cat2"), tiny_model_dir, out, dataclasses_replace(OPTIONS, previous=prev_out))
+    assert m["embedded"] == len(changed) + len(new)
+    assert m["rows_in"] == m["embedded"] + m["unchanged_skipped"] + m["rejected"]
+    before, after = _read(prev_out), _read(out)
+    assert removed not in after.column("item_id").to_pylist()
+    fresh = after.filter(pc.equal(after.column("embedded_at"), pa.scalar(m["created_at"]).cast(pa.timestamp("us", tz="UTC"))))
+    assert set(fresh.column("item_id").to_pylist()) == changed | {"new-0", "new-1"}
+    kept = after.filter(pc.invert(pc.is_in(after.column("item_id"), fresh.column("item_id")))).sort_by("item_id")
+    old = before.filter(pc.is_in(before.column("item_id"), kept.column("item_id"))).sort_by("item_id")
+    assert kept.num_rows == m["unchanged_skipped"] == old.num_rows
+    assert kept.column("embedding").equals(old.column("embedding"))
+    assert kept.column("embedded_at").equals(old.column("embedded_at"))
+
+
+def dataclasses_replace(options: EmbedOptions, **changes) -> EmbedOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
+
+
+def test_rerun_needs_overwrite_and_a_failed_run_publishes_nothing(embedded, catalog, tiny_model_dir, monkeypatch) -> None:
+    out, manifest = embedded
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_embed(catalog[0], tiny_model_dir, out, OPTIONS)
+
+    from pipeline import embed
+
+    def killed(self):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(embed._PartWriter, "close", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(catalog[0], tiny_model_dir, out + "-killed", OPTIONS)
+    assert not storage.exists(out + "-killed")
+    assert not [p for p in os.listdir(os.path.dirname(out)) if ".staging-" in p]
+    assert storage.read_manifest(out) == json.loads(json.dumps(manifest, default=str))  # untouched
+
+
+def test_schema_error_fails_before_any_work(ray_local, tiny_model_dir, tmp_path) -> None:
+    pq.write_table(pa.table({"item_id": ["1"], "name": ["a"], "image": pa.array([None], pa.binary())}), tmp_path / "c.parquet")
+    with pytest.raises(CatalogSchemaError, match="--column-map title=NAME"):
+        run_embed(str(tmp_path / "c.parquet"), tiny_model_dir, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == ["c.parquet"]
+
+
+def test_preprocess_and_encoder_work_without_ray(tiny_model_dir) -> None:
+    cat = make_sample_catalog(60, seed=3)
+    batch = {k: cat.column(k).to_pylist() for k in ("item_id", "title", "image")}
+    prep = Preprocess(tiny_model_dir, ColumnMap(), drop_ids={batch["item_id"][0]})
+    out = prep(batch)
+    assert len(out["item_id"]) == 59 and set(out["status"]) <= {"ok", "reject"}
+    encoded = Encoder(tiny_model_dir, device="cpu", num_threads=1)(out)
+    assert encoded["embedding"].shape == (59, 32) and "pixel_values" not in encoded
+    ok = out["status"] == "ok"
+    np.testing.assert_allclose(np.linalg.norm(encoded["embedding"][ok], axis=1), 1.0, atol=1e-5)
+    assert not encoded["embedding"][~ok].any()
+
+
+def test_s3_round_trip(ray_local, s3_env, catalog, tiny_model_dir) -> None:
+    fs, _ = storage.get_fs("s3://embed-test")
+    fs.mkdir("embed-test")
+    fs.put(catalog[0], "embed-test/catalog", recursive=True)
+    manifest = run_embed("s3://embed-test/catalog", tiny_model_dir, "s3://embed-test/out", OPTIONS)
+    assert storage.read_manifest("s3://embed-test/out")["embedded"] == manifest["embedded"]
+    with fs.open(f"embed-test/out/{manifest['files'][0]}", "rb") as f:
+        first = pq.read_table(f)
+    assert first.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    total = sum(pq.ParquetFile(fs.open(f"embed-test/out/{name}", "rb")).metadata.num_rows for name in manifest["files"])
+    assert total == manifest["embedded"] and manifest["rows_in"] == CATALOG_ROWS
+    assert fs.exists(f"embed-test/out/{REJECTS_DIR}/part-00000.parquet")
+    assert not [p for p in fs.ls("embed-test") if ".staging-" in p]
+
+
+def test_cli_embed_help_and_errors(tiny_model_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["embed", "--help"]).output
+    for option in ("--batch-size", "--concurrency", "--gpu", "--previous", "--column-map", "--overwrite"):
+        assert option in help_text
+    assert "Example:" in help_text
+    pq.write_table(pa.table({"item_id": ["1"], "title": ["a"]}), tmp_path / "c.parquet")
+    result = runner.invoke(main, ["embed", str(tmp_path / "c.parquet"), tiny_model_dir, str(tmp_path / "o")])
+    assert result.exit_code == 1 and "image_uri=NAME" in result.output  # fails before ray.init
+    result = runner.invoke(main, ["embed", str(tmp_path / "c.parquet"), tiny_model_dir, "o", "--column-map", "x=y"])
+    assert result.exit_code == 1 and "unknown" in result.output
