@@ -158,6 +158,37 @@ class ItemModel(PreTrainedModel):
     def embedding_dim(self) -> int:
         return self.config.hidden_size
 
+    @torch.no_grad()
+    def init_from_bert(self, bert_dir: str) -> None:
+        """Initialise the text stream and the encoder from a local HF BERT checkpoint (never downloaded).
+
+        Copies word embeddings, the first `max_title_len` position embeddings (into the text positions),
+        the two token-type embeddings (into the modality types: BERT's segment A is our text), the
+        embedding LayerNorm and every encoder layer. The image stream and the heads keep their random
+        init. The architecture must match the checkpoint; a mismatch fails naming each field.
+        """
+        from transformers import BertModel  # local import: only this path needs it
+
+        bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False)
+        b, c = bert.config, self.config
+        fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        bad = [f"{f}: preset {getattr(c, f)} vs {bert_dir} {getattr(b, f)}" for f in fields if getattr(c, f) != getattr(b, f)]
+        if b.max_position_embeddings < c.max_title_len:
+            bad.append(f"max_title_len {c.max_title_len} > the checkpoint's {b.max_position_embeddings} positions")
+        if bad:
+            raise ValueError(
+                f"cannot initialise from BERT checkpoint {bert_dir}: {'; '.join(bad)}. "
+                "Choose the preset whose shape matches the checkpoint (e.g. base for bert-base-uncased)."
+            )
+        src, dst = bert.embeddings, self.embeddings
+        dst.word_embeddings.weight.copy_(src.word_embeddings.weight)
+        dst.text_position_embeddings.weight.copy_(src.position_embeddings.weight[: c.max_title_len])
+        n_types = min(2, src.token_type_embeddings.weight.shape[0])
+        dst.modality_type_embeddings.weight[:n_types].copy_(src.token_type_embeddings.weight[:n_types])
+        dst.LayerNorm.load_state_dict(src.LayerNorm.state_dict())
+        # same transformers BertEncoder class on both sides: the keys match one to one
+        self.encoder.load_state_dict(bert.encoder.state_dict())
+
     # --- phase 1: the encoder --------------------------------------------------------------------
 
     def forward_encoder(

@@ -1,0 +1,519 @@
+"""Distributed ITEm pretraining on Ray Train: catalog -> Ray Data preprocessing -> TorchTrainer -> model dir.
+
+The only module of item_model that imports Ray. The per-step math (`build_optimizer`, `train_step`) is
+plain PyTorch so that a bare loop (bench/bench_train.py) runs exactly the same code as the workers.
+
+    driver:   tokenizer (trained on the catalog's titles, or a BERT vocab) -> staged in OUT_DIR.train/
+    Ray Data: read_parquet -> TrainPreprocessor (tokenise, decode images to uint8 pixels), CPU tasks
+    workers:  train_loop_per_worker: DDP model, AdamW + warm-up/cosine, reports + rank-0 checkpoints
+    driver:   final checkpoint -> model dir, published atomically with a manifest of the run
+
+Resume is Ray Train V2's: a trainer re-created with the same RunConfig(storage_path, name) starts its
+workers from the latest checkpoint of that run, which is also how a crashed worker group restarts
+(FailureConfig). A resumed run starts a fresh pass over the data (the position inside an epoch is not
+checkpointed); model, optimizer, scheduler, step and RNG streams (seeded by seed, rank, step) are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+
+from pipeline import storage
+
+from .config import PRESETS, ItemConfig, preset_config
+from .model_dir import save_model_dir
+from .modeling import ItemModel
+from .processor import ItemProcessor, train_tokenizer
+
+RUN_NAME = "run"  # Ray Train run name inside the work dir
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run needs besides the catalog and the output dir. Saved with every
+    checkpoint and in the published model dir's manifest."""
+
+    preset: str = "small"  # model preset name (item_model.config.PRESETS): tiny | small | base
+    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this number)
+    batch_size: int = 64  # rows per step *per worker*; the global batch is batch_size * num_workers
+    lr: float = 5e-4  # peak AdamW learning rate, reached after warm-up
+    warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to 0 at `steps`
+    weight_decay: float = 0.01  # AdamW decay; biases, LayerNorms and embeddings are not decayed
+    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
+    checkpoint_every: int = 100  # rank 0 checkpoints every N steps, and always at the last step
+    report_every: int = 10  # report metrics (and print a progress line) every N steps
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker; bf16 autocast on GPU, fp32 on CPU
+    # CPUs reserved per worker; None = 1, or less on a small CPU-only cluster so that at least one CPU is
+    # left for Ray Data's preprocessing (a trainer that holds every CPU starves its own input pipeline)
+    cpus_per_worker: float | None = None
+    torch_threads: int = 0  # intra-op threads per worker; 0 = max(1, int(cpus_per_worker)) (Ray sets OMP to 1)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    init_from: str | None = None  # local HF BERT dir: its vocab and weights initialise the text stream
+    seed: int = 0  # seeds model init and, with (rank, step), every masking/swap draw
+    vocab_size: int = 8000  # WordPiece vocab trained on the catalog's titles (ignored with init_from)
+    id_column: str = "item_id"  # catalog column names (ARCHITECTURE.md: catalog contract)
+    title_column: str = "title"
+    image_column: str = "image"
+    preprocess_batch_size: int = 256  # rows per Ray Data preprocessing task batch
+    # ItemConfig fields to override on the preset: objective switches and weights for ablations and
+    # baselines, e.g. {"use_global_mlm": False, "use_global_mim": False} is the ViLT-style baseline
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    fail_at_step: int | None = None  # tests only: the last rank raises at this step, on the first attempt
+
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("steps, batch_size and num_workers must be >= 1")
+        if self.checkpoint_every < 1 or self.report_every < 1:
+            raise ValueError("checkpoint_every and report_every must be >= 1")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Fields that may change when a run is resumed; the others shape the model or the data and must match.
+RESUMABLE_CHANGES = {"steps", "vocab_size", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
+                     "checkpoint_every", "report_every", "preprocess_batch_size", "fail_at_step"}
+
+
+# --- the per-step math: plain PyTorch, shared with the bare-loop benchmark --------------------------
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no decay on biases, norms, embeddings) and a linear warm-up + cosine decay schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embeddings" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    return optimizer, scheduler
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; fp32 (no autocast) on CPU, where bf16 matmuls are slow on most cores."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    grad_clip: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on `batch` (model inputs, on the model's device). Returns the named losses,
+    detached (no host sync here: callers decide when to read them)."""
+    device = batch["input_ids"].device
+    with autocast(device):
+        losses = model(**{k: batch[k] for k in MODEL_INPUTS}, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return {k: v.detach().float() for k, v in losses.items()}
+
+
+def step_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
+    """The RNG of one step on one rank: reproducible across restarts, different across ranks."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+    return g
+
+
+# --- preprocessing: a callable class for Ray Data's map_batches, testable on a plain dict ------------
+
+
+class TrainPreprocessor:
+    """Catalog rows -> model inputs (numpy), plus `keep`: False for rows that cannot train.
+
+    A row is skipped (kept in the batch with keep=False, counted by the trainers) when its id is null or
+    it has neither a title nor a usable image. An unusable image on a row with a title only loses the
+    image. Rows are flagged rather than dropped here so that the skip count survives streaming.
+    """
+
+    def __init__(self, processor: ItemProcessor, id_column: str, title_column: str, image_column: str) -> None:
+        self.processor = processor
+        self.columns = (id_column, title_column, image_column)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, titles, images = (batch[c] for c in self.columns)
+        titles = [t if isinstance(t, str) else None for t in titles]
+        out = self.processor(titles, [im if im is not None and len(im) else None for im in images])
+        has_title = np.array([bool(t and t.strip()) for t in titles], dtype=bool)
+        has_id = np.array([i is not None and not (isinstance(i, float) and math.isnan(i)) for i in ids], dtype=bool)
+        return {
+            "input_ids": out["input_ids"],
+            "attention_mask": out["attention_mask"],
+            "pixel_values": out["pixel_values"],
+            "has_image": out["has_image"],
+            "keep": has_id & (has_title | out["has_image"]),
+        }
+
+
+def check_catalog_schema(catalog_uri: str, cfg: TrainConfig) -> None:
+    """Fail before any work when a required column is missing or has the wrong type."""
+    import pyarrow as pa
+
+    schema = ray.data.read_parquet(catalog_uri).schema()
+    names = list(schema.names)
+    types = dict(zip(names, schema.types))
+    wanted = {cfg.id_column: None, cfg.title_column: pa.types.is_string, cfg.image_column: pa.types.is_binary}
+    for column, is_type in wanted.items():
+        if column not in types:
+            raise ValueError(f"catalog {catalog_uri} has no column {column!r} (columns: {names}); "
+                             "map it with --id-column / --title-column / --image-column")
+        t = types[column]
+        if is_type and not (is_type(t) or pa.types.is_large_string(t) or pa.types.is_large_binary(t)):
+            raise ValueError(f"catalog column {column!r} is {t}; expected "
+                             f"{'string' if is_type is pa.types.is_string else 'binary (encoded image bytes)'}")
+
+
+def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig) -> ray.data.Dataset:
+    """The training dataset: read only the needed columns, preprocess on CPU tasks, stream to trainers."""
+    columns = [cfg.id_column, cfg.title_column, cfg.image_column]
+    # An instance, not the class: Ray Data runs it as stateless tasks fused with the read (one task
+    # per block reads and decodes). The processor holds only a tokenizer, cheap to ship per task, and
+    # tasks never pin CPUs the way an actor pool does, which on a small machine would starve the read.
+    preprocess = TrainPreprocessor(processor, cfg.id_column, cfg.title_column, cfg.image_column)
+    return ray.data.read_parquet(catalog_uri, columns=columns).map_batches(
+        preprocess, batch_size=cfg.preprocess_batch_size, batch_format="numpy",
+    )
+
+
+def iter_titles(catalog_uri: str, column: str) -> Iterator[str]:
+    """Stream the title column only (for tokenizer training)."""
+    for batch in ray.data.read_parquet(catalog_uri, columns=[column]).iter_batches(batch_size=4096, batch_format="pyarrow"):
+        yield from (t for t in batch.column(column).to_pylist() if t)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def unwrap(model: torch.nn.Module) -> ItemModel:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(directory: str, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """model.safetensors + optimizer/scheduler state (tensors only, loaded with weights_only) + state.json."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(weights, os.path.join(directory, "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, "optim.pt"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def load_checkpoint(directory: str, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; returns the state dict (step, history, counters, config)."""
+    unwrap(model).load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+    if optimizer is not None:
+        optim = torch.load(os.path.join(directory, "optim.pt"), weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(optim["optimizer"])
+        scheduler.load_state_dict(optim["scheduler"])
+    with open(os.path.join(directory, "state.json")) as f:
+        return json.load(f)
+
+
+# --- the loop each Ray Train worker runs ------------------------------------------------------------
+
+
+def format_progress(step: int, steps: int, losses: dict[str, float], samples_per_s: float, eta_s: float) -> str:
+    terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s))) if math.isfinite(eta_s) else "?"
+    return (f"step {step}/{steps} | loss {losses.get('loss', float('nan')):.4f} ({terms}) | "
+            f"{samples_per_s:.1f} samples/s | ETA {eta}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point. `config` = {"train": TrainConfig dict, "model": ItemConfig dict,
+    "init_state": optional ObjectRef of initial weights}. Returns (rank 0) the run's history."""
+    cfg = TrainConfig.from_dict(config["train"])
+    model_config = ItemConfig.from_dict(config["model"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker or 1)))
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = ItemModel(model_config)
+    if config.get("init_state") is not None:
+        model.load_state_dict(ray.get(config["init_state"]))
+    model.to(device)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    state: dict[str, Any] = {"step": 0, "history": [], "rows_seen": 0, "rows_skipped": 0, "samples": 0,
+                             "resumed_from": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d, model, optimizer, scheduler)
+        state.pop("train_config", None)
+    resumed = checkpoint is not None
+    if resumed:
+        state.setdefault("resumed_from", []).append(state["step"])  # a restart or a --resume
+    # heads of switched-off objectives get no gradient: DDP must be told to expect that
+    all_on = all(getattr(model_config, f"use_{o}") for o in ("itm", "mlm", "mim", "global_mlm", "global_mim"))
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": not all_on})
+    model.train()
+
+    shard = ray.train.get_dataset_shard("train")
+    window: dict[str, torch.Tensor] = {}  # summed losses since the last report
+    window_steps, window_samples, window_rows, window_skipped = 0, 0, 0, 0
+    t_window = time.perf_counter()
+    t_start = time.perf_counter()
+    start_step = state["step"]
+
+    while state["step"] < cfg.steps:
+        batches_this_pass = 0
+        # batches arrive on the CPU: skipped rows are dropped and counted there, with no device sync
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device="cpu"):
+            batches_this_pass += 1
+            keep = batch.pop("keep")
+            window_rows += keep.numel()
+            skipped = int((~keep).sum())
+            window_skipped += skipped
+            batch = {k: (v[keep] if skipped else v).to(device, non_blocking=True) for k, v in batch.items()}
+            step = state["step"]
+            if cfg.fail_at_step is not None and step == cfg.fail_at_step and not resumed and rank == world - 1:
+                raise RuntimeError(f"injected failure at step {step} (TrainConfig.fail_at_step, first attempt only)")
+            gen = step_generator(device, cfg.seed, rank, step)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, gen)
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            window_samples += int(batch["input_ids"].shape[0])
+            state["step"] = step = step + 1
+
+            last = step == cfg.steps
+            do_checkpoint = step % cfg.checkpoint_every == 0 or last
+            if not (step % cfg.report_every == 0 or do_checkpoint):
+                continue
+            # one all-reduce per report: every rank's losses and counters, summed
+            keys = sorted(window)
+            packed = torch.stack([window[k] for k in keys] + [torch.tensor(float(x), device=device) for x in
+                                 (window_steps, window_samples, window_rows, window_skipped)])
+            if world > 1:
+                torch.distributed.all_reduce(packed)
+            values = packed.tolist()
+            n_steps = values[len(keys)]
+            metrics = {k: values[i] / n_steps for i, k in enumerate(keys)}
+            elapsed = time.perf_counter() - t_window
+            samples_per_s = values[len(keys) + 1] / elapsed
+            state["samples"] += int(values[len(keys) + 1])
+            state["rows_seen"] += int(values[len(keys) + 2])
+            state["rows_skipped"] += int(values[len(keys) + 3])
+            steps_per_s = (step - start_step) / (time.perf_counter() - t_start)
+            eta_s = (cfg.steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+            record = {"step": step, **metrics, "samples_per_s": samples_per_s, "samples": state["samples"],
+                      "time": time.time(),
+                      "lr": scheduler.get_last_lr()[0]}
+            state["history"].append(record)
+            report = {**record, "rows_seen": state["rows_seen"], "rows_skipped": state["rows_skipped"],
+                      "eta_s": eta_s}
+            if rank == 0:
+                # sys.stdout, not print: Ray Train V2 patches print to log *and* echo, which doubles each line
+                sys.stdout.write(format_progress(step, cfg.steps, metrics, samples_per_s, eta_s) + "\n")
+                sys.stdout.flush()
+            if do_checkpoint and rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(tmp, model, optimizer, scheduler, {**state, "train_config": cfg.to_dict()})
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                     checkpoint_dir_name=f"step_{step:08d}")
+            else:
+                ray.train.report(report)
+            window, window_steps, window_samples, window_rows, window_skipped = {}, 0, 0, 0, 0
+            t_window = time.perf_counter()
+            if last:
+                break
+        if batches_this_pass == 0:
+            raise ValueError(
+                f"worker {rank} got no full batch in a pass over the catalog: it has fewer than "
+                f"batch_size x workers = {cfg.batch_size * world} usable rows; lower --batch-size")
+    return state
+
+
+# --- the driver side ----------------------------------------------------------------------------------
+
+
+def build_trainer(
+    dataset: ray.data.Dataset,
+    model_config: ItemConfig,
+    cfg: TrainConfig,
+    storage_path: str,
+    name: str = RUN_NAME,
+    init_state: Any = None,
+) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of a run: resources, failure handling and checkpoint retention decided here."""
+    if cfg.cpus_per_worker is None:
+        spare = ray.cluster_resources().get("CPU", 1.0) - 1.0  # one CPU stays with Ray Data
+        cpus = 1.0 if cfg.use_gpu else max(0.25, min(1.0, spare / cfg.num_workers))
+        cfg = dataclasses.replace(cfg, cpus_per_worker=cpus)
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "model": model_config.to_dict(), "init_state": init_state},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=os.path.abspath(storage_path),
+            name=name,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def work_dir_for(out_dir: str) -> str:
+    """Where a run keeps its tokenizer, its Ray Train checkpoints and its config: beside the model dir."""
+    return out_dir.rstrip("/") + ".train"
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    changed = sorted(k for k, v in cfg.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"--resume with different settings ({detail}); resume with the original ones, "
+                         "or start a new run with --overwrite")
+
+
+def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> str:
+    """Train an ITEm model on a catalog and publish it as a model dir at `out_dir`; returns its model_version.
+
+    Ray must already be initialised (library functions never call ray.init). `resume` continues the run
+    kept in `out_dir`.train/ from its latest checkpoint (a finished, published run is left as it is);
+    `overwrite` discards a previous run and its published model dir.
+    """
+    cfg.check()
+    if not storage.is_local(out_dir):
+        raise ValueError(f"{out_dir}: pretrain writes to a local (or shared-filesystem) directory; "
+                         "copy the model dir to object storage afterwards")
+    out_dir = os.path.abspath(out_dir)
+    work = work_dir_for(out_dir)
+    run_path = os.path.join(work, RUN_NAME)
+    cfg_path = os.path.join(work, "train_config.json")
+
+    if resume:
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"nothing to resume: {work} holds no run; start one without --resume")
+        _check_resume_config(storage.read_json(cfg_path), cfg)
+        if storage.is_published(out_dir):
+            manifest = storage.read_manifest(out_dir)
+            if manifest.get("steps") == cfg.steps:
+                print(f"{out_dir} is already trained to step {cfg.steps} (model_version "
+                      f"{manifest['model_version']}): nothing to do", flush=True)
+                return manifest["model_version"]
+        overwrite = True  # the published dir (if any) is from this run, trained to fewer steps
+    else:
+        if os.path.exists(work) and not overwrite:
+            raise FileExistsError(f"{work} holds a previous run: pass --resume to continue it, "
+                                  "or --overwrite to start again")
+        storage.check_can_publish(out_dir, overwrite)
+        shutil.rmtree(work, ignore_errors=True)
+
+    check_catalog_schema(catalog_uri, cfg)
+    # tokenizer: the run's own (resume), a BERT vocab (init_from), or trained on the catalog's titles
+    processor_dir = os.path.join(work, "processor")
+    shape = {**PRESETS[cfg.preset], **cfg.model_overrides}
+    image_size, max_title_len = shape["image_size"], shape["max_title_len"]
+    if resume:
+        processor = ItemProcessor.from_pretrained(processor_dir)
+    else:
+        if cfg.init_from:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init_from, local_files_only=True)
+        else:
+            t0 = time.perf_counter()
+            tokenizer = train_tokenizer(iter_titles(catalog_uri, cfg.title_column), vocab_size=cfg.vocab_size)
+            print(f"trained a {len(tokenizer)}-token WordPiece vocab on the catalog titles "
+                  f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        processor = ItemProcessor(tokenizer, image_size=image_size, max_title_len=max_title_len)
+        os.makedirs(work, exist_ok=True)
+        processor.save_pretrained(processor_dir)
+        storage.write_json(cfg_path, cfg.to_dict())
+    model_config = preset_config(cfg.preset, processor.tokenizer, **cfg.model_overrides)
+
+    init_state = None
+    if cfg.init_from:  # used only when the run has no checkpoint yet
+        torch.manual_seed(cfg.seed)
+        model = ItemModel(model_config)
+        model.init_from_bert(cfg.init_from)
+        init_state = ray.put(model.state_dict())
+
+    t0 = time.perf_counter()
+    trainer = build_trainer(build_dataset(catalog_uri, processor, cfg), model_config, cfg, work,
+                            init_state=init_state)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint in {run_path}")
+    train_s = time.perf_counter() - t0
+
+    # export: the final checkpoint's weights -> a complete model dir, published atomically
+    model = ItemModel(model_config)
+    with result.checkpoint.as_directory() as d:
+        state = load_checkpoint(d, model)
+    if state["step"] != cfg.steps:
+        raise RuntimeError(f"the latest checkpoint is at step {state['step']}, expected {cfg.steps}")
+    with storage.staging(out_dir) as stage:
+        version = save_model_dir(model, processor, stage)
+        history = state["history"]
+        manifest = {
+            "model_version": version,
+            "preset": cfg.preset,
+            "steps": state["step"],
+            "samples": state["samples"],
+            "rows_seen": state["rows_seen"],
+            "rows_skipped": state["rows_skipped"],
+            "resumed_from_steps": state.get("resumed_from", []),
+            "history": history,
+            "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "time", "lr", "samples_per_s", "samples")}
+            if history else {},
+            "train_seconds_this_attempt": round(train_s, 1),
+            "catalog": catalog_uri,
+            "train_config": cfg.to_dict(),
+        }
+        storage.publish(stage, out_dir, manifest, overwrite=overwrite)
+    return version

@@ -1,0 +1,265 @@
+"""Pretraining tests: the per-step math and preprocessing on plain data, BERT initialisation, and one real
+2-worker Ray Train run on a generated catalog that is made to fail once mid-way (CPU, tiny preset)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from item_model import ItemModel, ItemProcessor, load_model_dir, preset_config, read_model_version, train_tokenizer
+from item_model.train import (
+    TrainConfig, TrainPreprocessor, build_optimizer, load_checkpoint, pretrain, save_checkpoint, train_step,
+    work_dir_for,
+)
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.sample_catalog import write_sample_catalog
+
+TERMS = ["itm", "mlm", "mim", "global_mlm", "global_mim"]
+STEPS, FAIL_AT, CHECKPOINT_EVERY = 40, 25, 10
+
+
+def _jpeg(seed: int, size: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def processor() -> ItemProcessor:
+    words = "red blue black cotton denim leather shirt jeans shoe mug lamp slim large small".split()
+    rng = np.random.default_rng(0)
+    tok = train_tokenizer([" ".join(rng.choice(words, 5)) for _ in range(200)], vocab_size=100)
+    return ItemProcessor(tok, image_size=32, max_title_len=16)
+
+
+def _batch(processor: ItemProcessor, n: int = 16) -> dict[str, torch.Tensor]:
+    out = processor([f"red cotton shirt {i % 3}" for i in range(n)], [_jpeg(i) for i in range(n)])
+    return {k: torch.from_numpy(v) for k, v in out.items() if k != "image_error"}
+
+
+# --- plain PyTorch / numpy: no Ray -----------------------------------------------------------------------
+
+
+def test_preprocessor_flags_rows_that_cannot_train(processor):
+    pre = TrainPreprocessor(processor, "item_id", "title", "image")
+    batch = {
+        "item_id": np.array([None, "b", "c", "d", "e"], dtype=object),
+        "title": np.array(["red shirt", "", "blue mug", None, "lamp"], dtype=object),
+        "image": np.array([_jpeg(0), None, b"\xff\xd8not a jpeg", _jpeg(1), None], dtype=object),
+    }
+    out = pre(batch)
+    # null id -> skipped; no title and no image -> skipped; corrupt image with a title -> title only;
+    # no title with an image -> image only; title without image -> kept
+    assert out["keep"].tolist() == [False, False, True, True, True]
+    assert out["has_image"].tolist() == [True, False, False, True, False]
+    assert out["input_ids"].shape == (5, 16) and out["input_ids"].dtype == np.int64
+    assert out["pixel_values"].shape == (5, 32, 32, 3) and out["pixel_values"].dtype == np.uint8
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch(processor):
+    torch.manual_seed(0)
+    model = ItemModel(preset_config("tiny", processor.tokenizer, modality_dropout=0.0))
+    cfg = TrainConfig(preset="tiny", steps=20, lr=3e-3, warmup_steps=2)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    batch = _batch(processor)
+    losses = []
+    for step in range(20):
+        g = torch.Generator().manual_seed(step % 2)  # two fixed maskings: the loss must fall on them
+        out = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, g)
+        assert set(TERMS) | {"loss"} == set(out) and all(torch.isfinite(v) for v in out.values())
+        losses.append(out["loss"].item())
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+    assert scheduler.get_last_lr()[0] < cfg.lr  # cosine decay ran
+
+
+def test_checkpoint_roundtrip_restores_weights_optimizer_and_schedule(processor, tmp_path):
+    torch.manual_seed(0)
+    cfg = TrainConfig(preset="tiny", steps=10, warmup_steps=2)
+    model = ItemModel(preset_config("tiny", processor.tokenizer))
+    optimizer, scheduler = build_optimizer(model, cfg)
+    for step in range(3):
+        train_step(model, _batch(processor, 8), optimizer, scheduler, 1.0, torch.Generator().manual_seed(step))
+    save_checkpoint(str(tmp_path), model, optimizer, scheduler, {"step": 3, "history": []})
+
+    torch.manual_seed(1)
+    model2 = ItemModel(preset_config("tiny", processor.tokenizer))
+    optimizer2, scheduler2 = build_optimizer(model2, cfg)
+    state = load_checkpoint(str(tmp_path), model2, optimizer2, scheduler2)  # torch.load(weights_only=True)
+    assert state["step"] == 3
+    assert scheduler2.last_epoch == 3 and scheduler2.get_last_lr() == scheduler.get_last_lr()
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the next step is identical from the original and from the restored state
+    batch = _batch(processor, 8)
+    a = train_step(model, batch, optimizer, scheduler, 1.0, torch.Generator().manual_seed(9))
+    b = train_step(model2, batch, optimizer2, scheduler2, 1.0, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(a["loss"], b["loss"])
+
+
+def _save_tiny_bert(directory: str, tokenizer, hidden: int = 32, layers: int = 2) -> None:
+    """A randomly initialised BERT with the tiny preset's shape, saved like a Hugging Face checkpoint."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def test_init_from_bert_copies_text_stream_and_encoder(processor, tmp_path):
+    from transformers import BertModel
+
+    _save_tiny_bert(str(tmp_path), processor.tokenizer)
+    bert = BertModel.from_pretrained(str(tmp_path), local_files_only=True)
+    model = ItemModel(preset_config("tiny", processor.tokenizer))
+    before_patch = model.embeddings.patch_projection.weight.clone()
+    model.init_from_bert(str(tmp_path))
+    emb = model.embeddings
+    assert torch.equal(emb.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    assert torch.equal(emb.text_position_embeddings.weight, bert.embeddings.position_embeddings.weight[:16])
+    assert torch.equal(emb.modality_type_embeddings.weight, bert.embeddings.token_type_embeddings.weight[:2])
+    assert torch.equal(emb.LayerNorm.weight, bert.embeddings.LayerNorm.weight)
+    for (k, a), b in zip(model.encoder.state_dict().items(), bert.encoder.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(emb.patch_projection.weight, before_patch)  # image stream untouched
+
+
+def test_init_from_bert_names_the_shape_mismatch(processor, tmp_path):
+    _save_tiny_bert(str(tmp_path), processor.tokenizer, hidden=64)
+    model = ItemModel(preset_config("tiny", processor.tokenizer))
+    with pytest.raises(ValueError, match="hidden_size: preset 32 vs .* 64"):
+        model.init_from_bert(str(tmp_path))
+
+
+def test_train_config_rejects_unknown_fields_and_presets():
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"preset": "tiny", "stepz": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig(preset="huge").check()
+
+
+def test_cli_pretrain_has_help_with_an_example():
+    result = CliRunner().invoke(main, ["pretrain", "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output and "--resume" in result.output and "--init-from" in result.output
+
+
+# --- one real Ray Train run ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if ray.is_initialized():  # another module's cluster (different env): start our own
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("catalog") / "catalog.parquet")
+    write_sample_catalog(path, 240, seed=0)
+    return path
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(preset="tiny", steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4,
+                checkpoint_every=CHECKPOINT_EVERY, report_every=5, num_workers=2, cpus_per_worker=0.5,
+                vocab_size=500, preprocess_batch_size=64)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, catalog, tmp_path_factory) -> dict:
+    """2 CPU workers, 40 steps; the last rank raises at step 25 on the first attempt only."""
+    out = str(tmp_path_factory.mktemp("run") / "model")
+    version = pretrain(catalog, out, _cfg(fail_at_step=FAIL_AT, max_failures=1))
+    return {"out": out, "version": version, "manifest": storage.read_manifest(out)}
+
+
+def test_pretrain_loss_goes_down_and_no_term_diverges(trained):
+    history = trained["manifest"]["history"]
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.95 * first["loss"], (first["loss"], last["loss"])
+    for term in TERMS:
+        values = [h[term] for h in history]
+        assert all(math.isfinite(v) for v in values), term
+        assert max(values) <= 1.1 * values[0], (term, values)  # no term runs away
+    assert all(h["samples_per_s"] > 0 for h in history)
+
+
+def test_failed_worker_restarts_from_its_checkpoint_and_finishes(trained):
+    m = trained["manifest"]
+    # the crash at step 25 sent the run back to the step-20 checkpoint, once
+    assert m["resumed_from_steps"] == [FAIL_AT // CHECKPOINT_EVERY * CHECKPOINT_EVERY]
+    assert m["steps"] == STEPS
+    steps = [h["step"] for h in m["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no step reported twice
+    # every step trained 2 workers x 16 rows, minus the rows skipped inside those batches
+    assert m["samples"] == STEPS * 2 * 16 - m["rows_skipped"]
+    assert m["rows_skipped"] > 0  # the sample catalog has null ids and empty rows
+
+
+def test_exported_model_dir_loads_and_embeds(trained, catalog):
+    out = trained["out"]
+    assert read_model_version(out) == trained["version"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "model_version"):
+        assert os.path.exists(os.path.join(out, name)), name
+    model, processor = load_model_dir(out)
+    rows = pq.read_table(catalog, columns=["title", "image"]).slice(0, 8).to_pylist()
+    inputs = processor([r["title"] for r in rows], [r["image"] for r in rows])
+    emb = model.encode(**{k: torch.from_numpy(v) for k, v in inputs.items() if k != "image_error"})
+    assert emb.shape == (8, model.embedding_dim)
+    assert torch.isfinite(emb).all()
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(8))
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_resume_after_a_finished_run_changes_nothing(trained, catalog):
+    out = trained["out"]
+    run = os.path.join(work_dir_for(out), "run")
+    before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out)}
+    checkpoints = sorted(os.listdir(run))
+    result = CliRunner().invoke(main, [
+        "pretrain", catalog, out, "--preset", "tiny", "--workers", "2", "--steps", str(STEPS),
+        "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "4", "--checkpoint-every", str(CHECKPOINT_EVERY),
+        "--resume",
+    ])
+    assert result.exit_code == 0, result.output
+    assert trained["version"] in result.output
+    assert {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out)} == before
+    assert sorted(os.listdir(run)) == checkpoints
+
+
+def test_a_fresh_run_refuses_to_clobber_a_previous_one(trained, catalog):
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(catalog, trained["out"], _cfg())
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain(catalog, trained["out"], _cfg(batch_size=8), resume=True)
+
+
+def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor, tmp_path):
+    bert_dir = str(tmp_path / "bert")
+    # a BERT "checkpoint" whose vocab was made from the catalog's titles, as a real BERT vocab covers them
+    titles = [t for t in pq.read_table(catalog, columns=["title"]).column("title").to_pylist() if t]
+    _save_tiny_bert(bert_dir, train_tokenizer(titles, vocab_size=300))
+    out = str(tmp_path / "model")
+    cfg = _cfg(steps=4, warmup_steps=1, checkpoint_every=4, report_every=2, num_workers=1, init_from=bert_dir)
+    pretrain(catalog, out, cfg)
+    model, proc = load_model_dir(out)
+    assert json.load(open(os.path.join(out, "tokenizer.json"))) == json.load(open(os.path.join(bert_dir, "tokenizer.json")))
+    assert model.config.vocab_size == len(proc.tokenizer)
