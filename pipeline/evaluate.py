@@ -58,27 +58,32 @@ class Embedder(Protocol):
 # search
 
 
-def _search(gallery: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Top-k gallery row ids [Q, k] by inner product, -1 where there is no result.
+def _search(
+    gallery: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, gallery row ids), both [Q, k], by inner product; id -1 (score 0) where there is none.
 
     `exclude[q]` (a gallery row, e.g. the query itself) is never returned. Zero queries get no
     results: a tie over the whole gallery would otherwise rank rows by storage order.
     """
+    scores = np.zeros((len(queries), k), dtype=np.float32)
     out = np.full((len(queries), k), -1, dtype=np.int64)
     live = np.flatnonzero(np.abs(queries).sum(axis=1) > 0)
     if len(live) == 0 or len(gallery) == 0:
-        return out
+        return scores, out
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery, dtype=np.float32))
     extra = 0 if exclude is None else 1
-    _, ids = index.search(np.ascontiguousarray(queries[live], dtype=np.float32), min(k + extra, len(gallery)))
+    found, ids = index.search(np.ascontiguousarray(queries[live], dtype=np.float32), min(k + extra, len(gallery)))
     if exclude is not None:
         # identical vectors tie with the query's own row, so self is not always at rank 0: move it last by id
         ids = np.where(ids == exclude[live][:, None], -1, ids)
-        ids = np.take_along_axis(ids, np.argsort(ids < 0, axis=1, kind="stable"), axis=1)
-    ids = ids[:, :k]
-    out[live, : ids.shape[1]] = ids
-    return out
+        order = np.argsort(ids < 0, axis=1, kind="stable")
+        ids, found = np.take_along_axis(ids, order, axis=1), np.take_along_axis(found, order, axis=1)
+    n = min(k, ids.shape[1])
+    out[live, :n] = ids[:, :n]
+    scores[live, :n] = np.where(ids[:, :n] >= 0, found[:, :n], 0.0)
+    return scores, out
 
 
 def _retrieval_metrics(hits: np.ndarray, n_relevant: np.ndarray) -> dict[str, float | list[float]]:
@@ -123,7 +128,7 @@ def esp_natural(
     size = counts[inverse]
     queries = np.flatnonzero(size >= 2)
     q_emb = emb if query_emb is None else query_emb
-    ids = _search(emb, q_emb[queries], MAX_K, exclude=queries)
+    _, ids = _search(emb, q_emb[queries], MAX_K, exclude=queries)
     hits = (ids >= 0) & (codes[np.maximum(ids, 0)] == codes[queries][:, None])
     return _retrieval_metrics(hits, size[queries] - 1)
 
@@ -140,7 +145,7 @@ def esp_relisting(
     e.g. a byte-identical photo listed twice). Returns recall@1, recall@10, map@10, n_queries, recall_curve.
     """
     original_index = np.asarray(original_index, dtype=np.int64)
-    ids = _search(catalog_emb, relist_emb, MAX_K)
+    _, ids = _search(catalog_emb, relist_emb, MAX_K)
     found = np.maximum(ids, 0)
     hits = (ids >= 0) & (found == original_index[:, None])
     n_relevant = np.ones(len(original_index), dtype=np.int64)
@@ -247,8 +252,8 @@ def knn_vote_loo(
         queries = np.sort(np.random.default_rng(seed).choice(len(queries), max_queries, replace=False))
     gallery = emb[labelled]
     q_emb = (emb if query_emb is None else query_emb)[labelled[queries]]
-    ids = _search(gallery, q_emb, k, exclude=queries)
-    weights = np.where(ids >= 0, np.maximum(np.einsum("qd,qkd->qk", q_emb, gallery[np.maximum(ids, 0)]), 0), 0)
+    scores, ids = _search(gallery, q_emb, k, exclude=queries)
+    weights = np.maximum(scores, 0.0)
     predicted, confidence = [], []
     for row_ids, row_w in zip(ids, weights):
         votes: dict[str, float] = {}
@@ -289,12 +294,14 @@ def linear_probe(
     seed: int = 0,
     test_fraction: float = 0.2,
     l2: float = 1e-4,
-    max_iter: int = 200,
+    max_iter: int = 100,
+    max_train: int | None = 10_000,
     query_embs: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Multinomial logistic regression on frozen embeddings, scored on a held-out split.
 
-    Labelled rows are split by a seeded permutation; features are standardised with the training
+    Labelled rows are split by a seeded permutation; at most `max_train` of the training split are
+    used (the cost grows with rows x D x classes per L-BFGS step); features are standardised with the training
     split's statistics; full-batch L-BFGS on mean cross-entropy + l2/2 * |W|^2 from zero weights, so
     the result is deterministic. A test class never seen in training, or a zero query vector (no
     answer), counts as an error.
@@ -304,7 +311,7 @@ def linear_probe(
     labelled = np.array([i for i, y in enumerate(labels) if y is not None], dtype=np.int64)
     order = labelled[np.random.default_rng(seed).permutation(len(labelled))]
     n_test = int(round(test_fraction * len(order)))
-    test, train = order[:n_test], order[n_test:]
+    test, train = order[:n_test], order[n_test:][:max_train]
     classes = sorted({labels[i] for i in train})
     index = {c: j for j, c in enumerate(classes)}
     x = torch.from_numpy(np.asarray(emb[train], dtype=np.float32))
@@ -512,6 +519,7 @@ class EvalOptions:
     knn_k: int = 10
     knn_max_queries: int | None = 5000  # k-NN vote on a seeded sample of labelled rows (None: all)
     probe_test_fraction: float = 0.2
+    probe_max_train: int | None = 10_000  # probe training rows, taken from the training split (None: all)
     thresholds: tuple[float, ...] = tuple(np.round(np.arange(0.0, 1.0, 0.05), 2))  # backfill curve
 
 
@@ -618,7 +626,8 @@ def _evaluate_one(name, embed, titles, images, groups, labels, relists, both, op
     metrics: dict[str, dict[str, float]] = {}
     curves: dict[str, list[float]] = {}
     backfill: dict[str, list[float]] = {}
-    probe = linear_probe(catalog["full"], labels, options.seed, options.probe_test_fraction, query_embs=catalog)
+    probe = linear_probe(catalog["full"], labels, options.seed, options.probe_test_fraction,
+                         max_train=options.probe_max_train, query_embs=catalog)
     for v in VARIANTS:
         m: dict[str, float] = {}
         natural = esp_natural(catalog["full"], groups, query_emb=catalog[v])
@@ -636,7 +645,7 @@ def _evaluate_one(name, embed, titles, images, groups, labels, relists, both, op
             curves["natural"] = natural["recall_curve"]
             backfill = precision_coverage(knn["confidence"], knn["correct"], options.thresholds)
             m.update({"n_natural_queries": natural["n_queries"], "n_knn_queries": knn["n_queries"],
-                      "n_probe_test": probe["n_test"]})
+                      "n_probe_train": probe["n_train"], "n_probe_test": probe["n_test"]})
         metrics[v] = m
     dominance = modality_movement(catalog["full"], catalog["title_blank"], catalog["image_blank"], both)
     seconds = {"embed": round(t1 - t0, 1), "metrics": round(time.perf_counter() - t1, 1)}
