@@ -14,26 +14,19 @@ from typing import Any
 
 import yaml
 
+from pipeline.catalog import ColumnMap
+
 
 class ConfigError(ValueError):
     """A config problem, with the key's dotted path and what to write instead."""
 
 
 @dataclass
-class Columns:
-    id: str = "item_id"  # catalog column holding the listing id (string or integer)
-    title: str = "title"  # listing title (string; empty = no title)
-    image: str = "image"  # encoded image bytes (JPEG/PNG/WebP)
-    image_uri: str = "image_uri"  # used instead of `image` when the catalog holds URIs
-    category: str = "category"  # string, null = unknown (the backfill targets)
-
-
-@dataclass
 class EmbedStage:
-    batch_size: int = 64  # rows per encode batch
+    batch_size: int = 256  # rows per decode/tokenise task batch and per encode call
     encode_actors: int = 1  # size of the encode actor pool (one per GPU on a GPU cluster)
     gpus_per_actor: float = 0.0  # 1 on GPU workers; 0 encodes on CPU
-    preprocess_batch_size: int = 256  # rows per CPU decode/tokenise task
+    encode_threads: int = 0  # torch threads per CPU encode actor; 0 = torch's default
 
 
 @dataclass
@@ -62,7 +55,7 @@ class NightlyConfig:
     catalog: str  # local path or s3:// URI of the catalog Parquet (file or directory)
     model_dir: str  # a model dir made by `item-pipeline pretrain`
     output_root: str  # run outputs go to OUTPUT_ROOT/dt=YYYY-MM-DD/<stage>/
-    columns: Columns = field(default_factory=Columns)
+    columns: ColumnMap = field(default_factory=ColumnMap)  # catalog column names (pipeline.catalog)
     embed: EmbedStage = field(default_factory=EmbedStage)
     index: IndexStage = field(default_factory=IndexStage)
     dedup: DedupStage = field(default_factory=DedupStage)

@@ -28,15 +28,17 @@ OUT_SCHEMA = pa.schema(
 
 def read_catalog_labels(catalog_uri: str, category_col: str = "category") -> pd.DataFrame:
     """item_id (str), category (null = unknown) and, where present, group_id / true_category of a catalog."""
-    fs, path = storage.get_fs(catalog_uri)
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+    fs, _ = storage.get_fs(catalog_uri)
+    files = storage.parquet_files(catalog_uri)
     schema = pq.read_schema(files[0], filesystem=fs)
     missing = [c for c in ("item_id", category_col) if c not in schema.names]
     if missing:
         raise ValueError(f"catalog {catalog_uri} has no column {missing[0]!r}; name the category column with --category-col")
     cols = ["item_id", category_col] + [c for c in ("group_id", "true_category") if c in schema.names]
     frame = pq.read_table(files, filesystem=fs, columns=cols).to_pandas()
-    frame["item_id"] = frame["item_id"].astype(str)
+    # rows the embed stage rejects for their id: a null id, and every repeat of an id after its first
+    # occurrence (files in sorted order, then row order: the embed stage's rule)
+    frame = frame[frame["item_id"].notna()].astype({"item_id": str}).drop_duplicates("item_id", keep="first")
     return frame.rename(columns={category_col: "category"})
 
 

@@ -345,6 +345,48 @@ def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, 
             click.echo(f"{point['threshold']:.2f}\t{point['coverage']:.4f}\t{point['precision']:.4f}")
 
 
+@main.command(name="nightly")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The nightly YAML config (see jobs/nightly.yaml); validated before any work.")
+@click.option("--date", "run_date", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="Run date YYYY-MM-DD (default: today, UTC). Outputs go to OUTPUT_ROOT/dt=DATE/.")
+@click.option("--output-root", default=None, help="Override the config's output_root (local dir or s3:// prefix).")
+@click.option("--catalog", default=None, help="Override the config's catalog (local path or s3:// URI).")
+@click.option("--model-dir", default=None, help="Override the config's model_dir.")
+def nightly(config_path: str, run_date, output_root: str | None, catalog: str | None, model_dir: str | None) -> None:
+    """Run the nightly job for one date: embed (incremental), build-index, dedup, backfill, report.
+
+    Re-running a finished date does nothing; re-running after a failure resumes at the first stage
+    that was not published. Exits non-zero, naming the stage, when a stage fails.
+
+    Example:
+
+        item-pipeline nightly --config jobs/nightly.yaml --date 2026-11-21
+    """
+    import datetime as dt
+
+    from jobs.config import ConfigError, load_config
+    from jobs.nightly import StageFailed, run_nightly
+
+    try:
+        config = load_config(config_path, output_root=output_root, catalog=catalog, model_dir=model_dir)
+    except ConfigError as e:
+        raise click.ClickException(f"{config_path}: {e}") from e
+    day = run_date.date() if run_date else dt.datetime.now(dt.timezone.utc).date()
+    _init_ray()
+    try:
+        report = run_nightly(config, day)
+    except StageFailed as e:
+        raise click.ClickException(str(e)) from e
+    if report.get("already_complete"):
+        click.echo(f"run {day} is already complete in {report['run_dir']}: nothing to do")
+        return
+    from jobs.nightly import report_markdown
+
+    click.echo(report_markdown(report))
+    click.echo(f"report: {report['run_dir']}/report.md")
+
+
 @main.command(name="evaluate")
 @click.argument("catalog")
 @click.argument("out_dir", type=click.Path(file_okay=False, writable=True))

@@ -67,8 +67,8 @@ def read_embedding_table(uri: str, item_ids: Sequence[str] | None = None) -> tup
     table is not published and ValueError when its dim disagrees with its manifest.
     """
     manifest = storage.read_manifest(uri)
-    fs, path = storage.get_fs(uri)
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    fs, _ = storage.get_fs(uri)
+    files = storage.parquet_files(uri)
     if not files:
         raise FileNotFoundError(f"embedding table {uri} has a manifest but no Parquet files. Re-run the embed stage.")
     filters = [("item_id", "in", [str(i) for i in item_ids])] if item_ids is not None else None

@@ -53,8 +53,11 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
 
     rng = np.random.default_rng(config.seed)
     spec = ix.choose_index_spec(n, d, config.memory_budget_bytes) if config.spec == "auto" else config.spec
-    held_back = rng.choice(n, size=min(n, config.n_eval_queries + config.n_tune_queries), replace=False)
-    eval_rows, tune_rows = held_back[: config.n_eval_queries], held_back[config.n_eval_queries :]
+    # on a small table, split it between the two query sets rather than starve one of them
+    n_eval = min(config.n_eval_queries, max(1, n // 2))
+    n_tune = max(1, min(config.n_tune_queries, n - n_eval))
+    held_back = rng.choice(n, size=min(n, n_eval + n_tune), replace=False)
+    eval_rows, tune_rows = held_back[:n_eval], held_back[n_eval:]
     log.info("building %s over %d vectors of dim %d in %d shards", spec, n, d, config.n_shards)
 
     step = time.perf_counter()

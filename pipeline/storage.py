@@ -138,6 +138,19 @@ def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: b
     fs.rm(staging_path, recursive=True)
 
 
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet files of a directory (sorted), skipping `_`/`.`-prefixed paths below it, as Spark,
+    pyarrow and DuckDB do: `_rejects/` and staging leftovers are not data. A file URI is itself."""
+    fs, path = get_fs(uri)
+    if not fs.isdir(path):
+        return [path]
+    root = path.rstrip("/")
+    return sorted(
+        p for p in fs.find(root) if p.endswith(".parquet")
+        and not any(part.startswith(("_", ".")) for part in p[len(root) + 1 :].split("/"))
+    )
+
+
 def remove(uri: str) -> None:
     """Delete a file or directory tree if it exists (staging leftovers)."""
     fs, path = get_fs(uri)
@@ -178,3 +191,18 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         raise TypeError(f"embedding column must be fixed_size_list<float32>[D], got {column.type}")
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+
+
+def remove_stale_staging(final_uri: str) -> list[str]:
+    """Delete the staging directories that killed runs left beside `final_uri`; returns what was removed.
+
+    Only safe when no other run is writing `final_uri` (the nightly job runs one date at a time).
+    """
+    fs, path = get_fs(final_uri)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    if not fs.exists(parent):
+        return []
+    stale = [p for p in fs.ls(parent, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(f"{name}.staging-")]
+    for p in stale:
+        fs.rm(p, recursive=True)
+    return stale

@@ -1,0 +1,192 @@
+"""The nightly job: one run date -> embed (incremental) -> build-index -> dedup -> backfill -> report.
+
+    OUTPUT_ROOT/dt=YYYY-MM-DD/embeddings/   published embedding table (+ _rejects/)
+    OUTPUT_ROOT/dt=YYYY-MM-DD/index/        sharded FAISS index
+    OUTPUT_ROOT/dt=YYYY-MM-DD/dedup/        duplicate_pairs/ + duplicate_clusters/
+    OUTPUT_ROOT/dt=YYYY-MM-DD/backfill/     predicted categories
+    OUTPUT_ROOT/dt=YYYY-MM-DD/report.json   written last: the run is done
+    OUTPUT_ROOT/dt=YYYY-MM-DD/report.md
+    OUTPUT_ROOT/latest.json                 moved only after a whole run succeeded
+
+Every stage publishes atomically with its manifest, so a run is resumable at stage granularity: a
+re-run skips the stages already published and starts at the first one that is not (a killed stage
+left only a staging directory, which is cleared). A finished date is not run again. The embed stage is
+incremental against the embedding table of the run that `latest.json` names. Resources come from the
+config; this module is the only place that turns them into Ray settings.
+
+Run: `item-pipeline nightly --config jobs/nightly.yaml [--date 2026-11-21] [--output-root DIR]`
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jobs.config import NightlyConfig
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+STAGES = ("embeddings", "index", "dedup", "backfill")
+REPORT = "report.json"
+LATEST = "latest.json"
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names the stage. Nothing of that stage was published."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        super().__init__(f"stage {stage!r} failed: {type(error).__name__}: {error}")
+        self.stage = stage
+
+
+def run_dir(config: NightlyConfig, run_date: dt.date) -> str:
+    return storage.join(config.output_root, f"dt={run_date.isoformat()}")
+
+
+def previous_embeddings(config: NightlyConfig, run_date: dt.date) -> str | None:
+    """The embedding table of the last successful run before `run_date` (from latest.json), if any."""
+    latest = storage.join(config.output_root, LATEST)
+    if not storage.exists(latest):
+        return None
+    pointer = storage.read_json(latest)
+    if pointer["run_date"] >= run_date.isoformat():
+        return None  # a back-fill of an older date does not read the future
+    return storage.join(pointer["run_dir"], "embeddings")
+
+
+def _stage_embed(config: NightlyConfig, run_date: dt.date, out: str, previous: str | None) -> dict:
+    from pipeline.embed import EmbedOptions, run_embed
+
+    e = config.embed
+    options = EmbedOptions(
+        batch_size=e.batch_size, concurrency=e.encode_actors, num_gpus=e.gpus_per_actor,
+        encode_threads=e.encode_threads or None, previous=previous, columns=config.columns,
+        run_id=run_date.isoformat(),
+    )
+    return run_embed(config.catalog, config.model_dir, out, options)
+
+
+def _stage_index(config: NightlyConfig, embeddings: str, out: str) -> dict:
+    from pipeline.index_build import IndexBuildConfig, build_index
+
+    i = config.index
+    return build_index(embeddings, out, IndexBuildConfig(
+        n_shards=i.shards, spec=i.spec, min_recall=i.min_recall,
+        memory_budget_bytes=int(i.memory_budget_gb * 2**30),
+    ))
+
+
+def _stage_dedup(config: NightlyConfig, index: str, embeddings: str, out: str) -> dict:
+    from pipeline.dedup import run_dedup
+
+    d = config.dedup
+    return run_dedup(index, embeddings, out, d.threshold, d.k, num_actors=d.actors)
+
+
+def _stage_backfill(config: NightlyConfig, index: str, embeddings: str, out: str) -> dict:
+    from pipeline import backfill as bf
+
+    b = config.backfill
+    labels = bf.read_catalog_labels(config.catalog, config.columns.category)
+    rows, report = bf.backfill_categories(index, embeddings, labels, b.k, b.min_confidence)
+    return bf.write_backfill(out, rows, report, plot=True)
+
+
+def run_nightly(config: NightlyConfig, run_date: dt.date) -> dict[str, Any]:
+    """Run (or resume) the nightly job for `run_date`; returns the run report.
+
+    Needs Ray initialised by the caller. Raises StageFailed naming the stage on any failure; what was
+    published before it stays, and a re-run resumes there.
+    """
+    root = run_dir(config, run_date)
+    if storage.exists(storage.join(root, REPORT)):
+        log.info("run %s is already complete (%s): nothing to do", run_date, root)
+        return {**storage.read_json(storage.join(root, REPORT)), "already_complete": True}
+
+    out = {stage: storage.join(root, stage) for stage in STAGES}
+    previous = previous_embeddings(config, run_date)
+    steps: dict[str, Callable[[], dict]] = {
+        "embeddings": lambda: _stage_embed(config, run_date, out["embeddings"], previous),
+        "index": lambda: _stage_index(config, out["embeddings"], out["index"]),
+        "dedup": lambda: _stage_dedup(config, out["index"], out["embeddings"], out["dedup"]),
+        "backfill": lambda: _stage_backfill(config, out["index"], out["embeddings"], out["backfill"]),
+    }
+    manifests, timings, resumed = {}, {}, []
+    for stage in STAGES:
+        if storage.is_published(out[stage]):
+            log.info("stage %s already published at %s: skipped", stage, out[stage])
+            manifests[stage] = storage.read_manifest(out[stage])
+            resumed.append(stage)
+            continue
+        storage.remove_stale_staging(out[stage])  # what a killed attempt left behind
+        log.info("stage %s -> %s", stage, out[stage])
+        start = time.perf_counter()
+        try:
+            manifests[stage] = steps[stage]()
+        except Exception as e:
+            raise StageFailed(stage, e) from e
+        timings[stage] = round(time.perf_counter() - start, 2)
+
+    report = build_report(run_date, root, previous, manifests, timings, resumed)
+    _write_text(storage.join(root, "report.md"), report_markdown(report))
+    storage.write_json(storage.join(root, REPORT), report)  # the run's commit point
+    storage.write_json(storage.join(config.output_root, LATEST), {"run_date": run_date.isoformat(), "run_dir": root})
+    return report
+
+
+def build_report(run_date: dt.date, root: str, previous: str | None, manifests: dict[str, dict],
+                 timings: dict[str, float], resumed: list[str]) -> dict[str, Any]:
+    """The run's numbers in one place: counts, rejects, timings, recall, clusters, backfill coverage."""
+    emb, idx, dup, bf = (manifests[s] for s in STAGES)
+    return {
+        "run_date": run_date.isoformat(),
+        "run_dir": root,
+        "previous_embeddings": previous,
+        "model_version": emb["model_version"],
+        "counts": {k: emb[k] for k in ("rows_in", "embedded", "unchanged_skipped", "rejected")},
+        "reconciles": emb["rows_in"] == emb["embedded"] + emb["unchanged_skipped"] + emb["rejected"],
+        "rejects_by_reason": emb["rejects_by_reason"],
+        "image_errors": emb["image_errors"],
+        "modalities": emb.get("modalities", {}),
+        "index": {"recall_at_10": idx.get("recall_at_10"), "shards": len(idx.get("shards", [])),
+                  "spec": idx.get("spec"), "vectors": idx.get("n_vectors")},
+        "dedup": {"threshold": dup["threshold"], "pairs": dup["n_pairs"], "clusters": dup["n_clusters"],
+                  "cluster_size_histogram": dup["cluster_size_histogram"]},
+        "backfill": {k: bf.get(k) for k in ("n_unlabelled", "n_filled", "n_unfilled", "n_no_embedding", "fill_accuracy")},
+        "stage_seconds": timings,
+        "stages_resumed": resumed,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A short human summary of the run report."""
+    c, d, b, i = report["counts"], report["dedup"], report["backfill"], report["index"]
+    rejects = ", ".join(f"{k} {v}" for k, v in report["rejects_by_reason"].items()) or "none"
+    image_errors = ", ".join(f"{k} {v}" for k, v in report["image_errors"].items()) or "none"
+    sizes = ", ".join(f"{k}: {v}" for k, v in d["cluster_size_histogram"].items()) or "none"
+    times = ", ".join(f"{k} {v} s" for k, v in report["stage_seconds"].items()) or "all resumed"
+    return "\n".join([
+        f"# Nightly run {report['run_date']}",
+        "",
+        f"- model: `{report['model_version']}`; incremental against: {report['previous_embeddings'] or 'nothing (full run)'}",
+        f"- rows in {c['rows_in']} = embedded {c['embedded']} + unchanged {c['unchanged_skipped']} + "
+        f"rejected {c['rejected']} ({'reconciles' if report['reconciles'] else 'DOES NOT RECONCILE'})",
+        f"- rejects by reason: {rejects}; image errors (embedded from title): {image_errors}",
+        f"- index: {i['spec']} in {i['shards']} shards, recall@10 vs exact {i['recall_at_10']}",
+        f"- duplicates at cosine >= {d['threshold']}: {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})",
+        f"- backfill: {b['n_filled']} filled, {b['n_unfilled']} left unfilled of {b['n_unlabelled']} uncategorised rows"
+        + (f"; accuracy vs ground truth {b['fill_accuracy']}" if b.get("fill_accuracy") is not None else ""),
+        f"- stage times: {times}; resumed (already published): {', '.join(report['stages_resumed']) or 'none'}",
+        "",
+    ])
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = storage.get_fs(uri)
+    with fs.open(path, "w") as f:
+        f.write(text)
