@@ -1,0 +1,215 @@
+"""The nightly job end to end: full run, incremental next day, resume after SIGKILL, S3 roots, bad config."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from jobs.config import ConfigError, load_config, parse_config
+from jobs.nightly import LATEST, REPORT, STAGES, StageFailed, run_nightly
+from pipeline import storage
+from pipeline.sample_catalog import make_sample_catalog
+
+DAY1, DAY2 = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
+ROWS = 160
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(path, catalog: str, model_dir: str, output_root: str) -> str:
+    data = {
+        "catalog": catalog, "model_dir": model_dir, "output_root": output_root,
+        "embed": {"batch_size": 64, "encode_threads": 1},
+        "index": {"shards": 2, "min_recall": 0.5},
+        "dedup": {"threshold": 0.995},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def table_rows(uri: str, columns: list[str]) -> list[tuple]:
+    """A published table's rows as sorted tuples (order-free comparison between runs)."""
+    table = pq.read_table(storage.parquet_files(uri), columns=columns)
+    return sorted(zip(*[table.column(c).to_pylist() for c in columns]), key=repr)
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on 127.0.0.1 with a bucket, and the AWS_* variables that point s3fs at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        fs, _ = storage.get_fs("s3://nightly")
+        fs.mkdir("nightly")
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_env):
+    """Local Ray whose workers inherit the S3 variables (this module runs one job on s3://)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_env})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def day1(tmp_path_factory, tiny_model_dir, ray_local):
+    root = tmp_path_factory.mktemp("nightly")
+    catalog = str(root / "catalog.parquet")
+    pq.write_table(make_sample_catalog(ROWS, seed=11), catalog)
+    config = load_config(write_config(root / "nightly.yaml", catalog, tiny_model_dir, str(root / "runs")))
+    return config, run_nightly(config, DAY1)
+
+
+def test_full_run_publishes_every_output_and_a_reconciling_report(day1):
+    config, report = day1
+    run = os.path.join(config.output_root, "dt=2026-11-20")
+    for stage in STAGES:
+        assert storage.is_published(os.path.join(run, stage)), stage
+    assert os.path.exists(os.path.join(run, "report.md"))
+    c = report["counts"]
+    assert report["reconciles"] and c["rows_in"] == ROWS == c["embedded"] + c["rejected"] + c["unchanged_skipped"]
+    assert c["unchanged_skipped"] == 0 and c["rejected"] > 0
+    assert set(report["rejects_by_reason"]) == {"null_id", "no_content", "duplicate_id"}
+    assert report["index"]["recall_at_10"] >= 0.5
+    assert report["backfill"]["n_unlabelled"] > 0
+    assert storage.read_json(os.path.join(config.output_root, LATEST))["run_date"] == "2026-11-20"
+
+
+def test_a_finished_date_is_not_run_again(day1):
+    config, _ = day1
+    again = run_nightly(config, DAY1)
+    assert again.get("already_complete") is True
+
+
+def test_next_day_reencodes_only_what_changed(day1, tmp_path):
+    config, _ = day1
+    old = pq.read_table(config.catalog)
+    keep = pc.and_(pc.is_valid(old["item_id"]), pc.is_null(old["defect"]))  # clean rows only
+    base = old.filter(keep)
+    rows = base.to_pylist()
+    edited = [dict(r, title=r["title"] + " v2") for r in rows[:3]]  # changed title -> re-encode
+    removed = rows[3:7]  # gone from the catalog
+    added = [dict(r, item_id=f"new-{i}") for i, r in enumerate(rows[7:12])]  # new ids
+    broken = [dict(rows[12], item_id="broken-1", title="", image=None)]  # no content -> reject
+    day2_rows = edited + rows[7:] + added + broken
+    catalog2 = str(tmp_path / "catalog2.parquet")
+    pq.write_table(pa.Table.from_pylist(day2_rows, schema=old.schema), catalog2)
+    config2 = parse_config({**_as_dict(config), "catalog": catalog2})
+
+    report = run_nightly(config2, DAY2)
+    c = report["counts"]
+    assert report["previous_embeddings"].endswith("dt=2026-11-20/embeddings")
+    assert c["rows_in"] == len(day2_rows)
+    assert c["embedded"] == len(edited) + len(added)  # exactly the new and changed rows were encoded
+    assert c["unchanged_skipped"] == len(rows[7:])
+    assert c["rejected"] == 1 and report["rejects_by_reason"] == {"no_content": 1}
+    ids = {r[0] for r in table_rows(os.path.join(report["run_dir"], "embeddings"), ["item_id"])}
+    assert not ids & {r["item_id"] for r in removed}
+    assert len(ids) == c["embedded"] + c["unchanged_skipped"]  # no row twice
+    assert storage.read_json(os.path.join(config.output_root, LATEST))["run_date"] == "2026-11-21"
+
+
+def _as_dict(config) -> dict:
+    import dataclasses
+    return dataclasses.asdict(config)
+
+
+def test_killed_run_resumes_to_the_same_outputs(day1, tmp_path):
+    """SIGKILL the CLI mid-run (after the index is published), re-run, compare with the full run."""
+    config, _ = day1
+    runs = str(tmp_path / "runs")
+    cfg = write_config(tmp_path / "nightly.yaml", config.catalog, config.model_dir, runs)
+    cmd = [sys.executable, "-m", "pipeline.cli", "nightly", "--config", cfg, "--date", "2026-11-20"]
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    index_manifest = os.path.join(runs, "dt=2026-11-20", "index", storage.MANIFEST)
+    deadline = time.monotonic() + 240
+    while not os.path.exists(index_manifest) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = os.path.join(runs, "dt=2026-11-20")
+    assert not os.path.exists(os.path.join(run, REPORT)) and not os.path.exists(os.path.join(runs, LATEST))
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = storage.read_json(os.path.join(run, REPORT))
+    assert {"embeddings", "index"} <= set(report["stages_resumed"])
+    assert not [p for p in os.listdir(run) if ".staging-" in p]
+    full = os.path.join(config.output_root, "dt=2026-11-20")
+    for stage, cols in [("embeddings", ["item_id", "embedding", "content_hash", "modalities"]),
+                        ("dedup/duplicate_pairs", ["item_id", "dup_item_id", "score"]),
+                        ("dedup/duplicate_clusters", ["item_id", "cluster_id"]),
+                        ("backfill", ["item_id", "predicted_category", "confidence"])]:
+        assert table_rows(os.path.join(run, stage), cols) == table_rows(os.path.join(full, stage), cols), stage
+
+
+def test_same_job_on_s3_roots(day1, s3_env):
+    """Catalog and every output on s3:// (moto over HTTP): the same counts as the local run."""
+    config, local = day1
+    fs, _ = storage.get_fs("s3://nightly")
+    fs.put(config.catalog, "nightly/catalog/part-00000.parquet")
+    s3 = parse_config({**_as_dict(config), "catalog": "s3://nightly/catalog", "output_root": "s3://nightly/runs"})
+    report = run_nightly(s3, DAY1)
+    assert report["counts"] == local["counts"]
+    assert report["dedup"]["pairs"] == local["dedup"]["pairs"]
+    for stage in STAGES:
+        assert storage.is_published(f"s3://nightly/runs/dt=2026-11-20/{stage}"), stage
+    assert storage.read_json("s3://nightly/runs/latest.json")["run_date"] == "2026-11-20"
+
+
+def test_a_failing_stage_is_named_and_publishes_no_report(day1, tmp_path):
+    config, _ = day1
+    bad = parse_config({**_as_dict(config), "output_root": str(tmp_path / "runs"), "model_dir": str(tmp_path / "none")})
+    with pytest.raises(StageFailed, match="stage 'embeddings'"):
+        run_nightly(bad, DAY1)
+    assert not os.path.exists(os.path.join(bad.output_root, "dt=2026-11-20", REPORT))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"index": {"shardz": 2}}, "unknown key index.shardz"),
+        ({"embed": {"batch_size": "big"}}, "embed.batch_size must be int"),
+        ({"dedup": {"threshold": 1.5}}, "dedup.threshold must be between 0 and 1"),
+        ({"catalogue": "x"}, "unknown key catalogue"),
+        ({"columns": {"sku": "id"}}, "unknown key columns.sku"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(tmp_path, change, message):
+    data = {"catalog": "c", "model_dir": "m", "output_root": "o", **change}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("catalog: c\nmodel_dir: m\noutput_root: o\nindex:\n  shards: two\n")
+    result = CliRunner().invoke(main, ["nightly", "--config", str(cfg)])
+    assert result.exit_code == 1 and "index.shards must be int" in result.output
