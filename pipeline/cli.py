@@ -415,7 +415,8 @@ def evaluate_command(catalog: str, out_dir: str, models: tuple[str, ...], baseli
 
     OUT_DIR must not exist; it appears only once the report is complete.
 
-    Example (the fashion dev set, two models against the TF-IDF and pHash references):
+    Example: the fashion dev set, two models against the TF-IDF and pHash references
+
 
     \b
         item-pipeline evaluate ../shared/data/fashion-dev.parquet eval-report \\
