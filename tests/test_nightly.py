@@ -213,3 +213,24 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
     cfg.write_text("catalog: c\nmodel_dir: m\noutput_root: o\nindex:\n  shards: two\n")
     result = CliRunner().invoke(main, ["nightly", "--config", str(cfg)])
     assert result.exit_code == 1 and "index.shards must be int" in result.output
+
+
+@pytest.mark.parametrize("name", ["nightly.yaml", "nightly-cluster.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(os.path.join(REPO, "jobs", name))
+    assert config.index.shards >= 1
+
+
+def test_cluster_yaml_has_head_gpu_and_cpu_workers_and_every_key_commented():
+    path = os.path.join(REPO, "cluster.yaml")
+    cluster = yaml.safe_load(open(path))
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types and {"gpu_worker", "cpu_worker"} <= set(types)
+    assert any("pip install" in c for c in cluster["setup_commands"])
+    lines = open(path).read().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "-")) and ":" in stripped:
+            commented = "#" in line or lines[i - 1].strip().startswith("#") or i + 1 < len(lines) and (
+                lines[i + 1].strip().startswith("#"))
+            assert commented, f"cluster.yaml line {i + 1} has no comment: {line}"
