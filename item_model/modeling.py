@@ -267,19 +267,24 @@ class ItemModel(PreTrainedModel):
             source, swapped = objectives.swap_images(has_image, has_title, c.itm_swap_probability, generator)
             pixel_values, has_image = pixel_values[source], has_image[source]
 
-        # masking: title tokens for (global) MLM, patches for (global) MIM
+        # masking: title tokens for (global) MLM, patches for (global) MIM. Swapped rows are masked like
+        # every other row but not scored: were they left unmasked, "nothing is masked" would give the ITM
+        # answer away (ITM loss ~0 within a few dozen steps), and a mismatched pair must not teach
+        # reconstruction.
         words = (attention_mask.bool() & (input_ids != c.cls_token_id) & (input_ids != c.sep_token_id)
-                 & (input_ids != c.pad_token_id) & ~swapped[:, None])
+                 & (input_ids != c.pad_token_id))
         labels = torch.full_like(input_ids, objectives.IGNORE)
         if c.use_mlm or c.use_global_mlm:
             input_ids, labels = objectives.mask_tokens(
                 input_ids, words, c.mlm_probability, c.mask_token_id, c.vocab_size, generator)
-        patch_mask = None
+            labels = labels.masked_fill(swapped[:, None], objectives.IGNORE)
+        patch_mask = scored_patches = None
         if c.use_mim or c.use_global_mim:
-            patch_mask = objectives.mask_patches(b, c.num_patches, c.mim_probability, has_image & ~swapped, generator)
+            patch_mask = objectives.mask_patches(b, c.num_patches, c.mim_probability, has_image, generator)
+            scored_patches = patch_mask & ~swapped[:, None]
 
         hidden, patches = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image, patch_mask)
-        return self.forward_losses(hidden, patches, labels, patch_mask, swapped, has_image & has_title)
+        return self.forward_losses(hidden, patches, labels, scored_patches, swapped, has_image & has_title)
 
     def forward_losses(
         self,

@@ -39,8 +39,8 @@ from transformers import PreTrainedTokenizerFast, get_cosine_schedule_with_warmu
 
 from pipeline import storage
 
-from .config import PRESETS, ItemConfig, preset_config
-from .model_dir import save_model_dir
+from .config import PRESETS, VARIANTS, ItemConfig, preset_config
+from .model_dir import build_model, save_model_dir
 from .modeling import ItemModel
 from .processor import ItemProcessor, train_tokenizer
 
@@ -54,6 +54,9 @@ class TrainConfig:
     checkpoint and in the published model dir's manifest."""
 
     preset: str = "small"  # model preset name (item_model.config.PRESETS): tiny | small | base
+    # model variant (item_model.config.VARIANTS): item | item_no_global | title_only | image_only | two_stream;
+    # model_overrides apply on top of it
+    variant: str = "item"
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 64  # rows per step *per worker*; the global batch is batch_size * num_workers
     lr: float = 5e-4  # peak AdamW learning rate, reached after warm-up
@@ -84,6 +87,11 @@ class TrainConfig:
     def check(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        if self.init_from and self.variant == "two_stream":
+            raise ValueError("init_from (BERT init) is implemented for the single-stream model only; "
+                             "train the two_stream variant without --init-from")
         if self.steps < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("steps, batch_size and num_workers must be >= 1")
         if self.checkpoint_every < 1 or self.report_every < 1:
@@ -277,7 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = ItemModel(model_config)
+    model = build_model(model_config)  # ItemModel, or TwoStreamModel for the two_stream variant
     if config.get("init_state") is not None:
         model.load_state_dict(ray.get(config["init_state"]))
     model.to(device)
@@ -472,7 +480,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         os.makedirs(work, exist_ok=True)
         processor.save_pretrained(processor_dir)
         storage.write_json(cfg_path, cfg.to_dict())
-    model_config = preset_config(cfg.preset, processor.tokenizer, **cfg.model_overrides)
+    model_config = preset_config(cfg.preset, processor.tokenizer, variant=cfg.variant, **cfg.model_overrides)
 
     init_state = None
     if cfg.init_from:  # used only when the run has no checkpoint yet
@@ -492,7 +500,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
     train_s = time.perf_counter() - t0
 
     # export: the final checkpoint's weights -> a complete model dir, published atomically
-    model = ItemModel(model_config)
+    model = build_model(model_config)
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(d, model)
     if state["step"] != cfg.steps:

@@ -18,6 +18,9 @@ from pipeline.sample_catalog import summarize_catalog, write_sample_catalog
 if TYPE_CHECKING:
     import pandas as pd
 
+# item_model.config.VARIANTS, spelled out so that the CLI starts without importing transformers;
+# tests/test_train.py checks that the two agree
+MODEL_VARIANTS = ("item", "item_no_global", "title_only", "image_only", "two_stream")
 IEC = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -83,6 +86,9 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
               help="Model size preset (item_model.config.PRESETS).")
+@click.option("--variant", type=click.Choice(MODEL_VARIANTS), default="item", show_default=True,
+              help="Model variant (item_model.config.VARIANTS): the full ITEm model or one of the "
+                   "baselines of EVALUATION.md, trained by the same loop.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ray Train workers (DDP ranks); each takes one GPU with --gpu.")
 @click.option("--gpu", is_flag=True, help="One GPU per worker, bf16 autocast (default: CPU, fp32).")
@@ -105,7 +111,7 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.option("--title-column", default="title", show_default=True, help="Catalog column with the title.")
 @click.option("--image-column", default="image", show_default=True, help="Catalog column with encoded image bytes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, masking and image swaps.")
-def pretrain(catalog: str, out_dir: str, preset: str, workers: int, gpu: bool, steps: int, batch_size: int,
+def pretrain(catalog: str, out_dir: str, preset: str, variant: str, workers: int, gpu: bool, steps: int, batch_size: int,
              lr: float, warmup_steps: int | None, checkpoint_every: int, init_from: str | None, resume: bool,
              overwrite: bool, max_failures: int, id_column: str, title_column: str, image_column: str,
              seed: int) -> None:
@@ -127,7 +133,7 @@ def pretrain(catalog: str, out_dir: str, preset: str, workers: int, gpu: bool, s
     from item_model.train import pretrain as run_pretrain
 
     cfg = TrainConfig(
-        preset=preset, steps=steps, batch_size=batch_size, lr=lr,
+        preset=preset, variant=variant, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps if warmup_steps is not None else steps // 10,
         checkpoint_every=checkpoint_every, num_workers=workers, use_gpu=gpu, max_failures=max_failures,
         init_from=init_from, seed=seed, id_column=id_column, title_column=title_column, image_column=image_column,

@@ -114,6 +114,25 @@ def test_global_heads_never_read_the_masked_slot_state(tokenizer):
         assert not torch.allclose(clean[name], noisy[name]), f"{name} should read the slot state"
 
 
+def test_swapped_rows_are_masked_like_the_others_but_not_scored(tokenizer, monkeypatch):
+    """ITM must not be answerable from "is anything masked": swapped rows carry [MASK] tokens and masked
+    patches in the encoder input like matched rows, and only matched rows are scored by MLM/MIM."""
+    cfg = preset_config("tiny", tokenizer, modality_dropout=0.0, mlm_probability=0.5)
+    model = ItemModel(cfg)
+    batch = make_batch(tokenizer, cfg, n=8)
+    swapped = torch.tensor([True, False] * 4)
+    monkeypatch.setattr(objectives, "swap_images", lambda has_image, has_title, p, g: (torch.arange(8).roll(1), swapped))
+    seen = {}
+    encoder, losses = model.forward_encoder, model.forward_losses
+    monkeypatch.setattr(model, "forward_encoder", lambda ids, mask, pix, has, pm: seen.update(ids=ids, pm=pm) or encoder(ids, mask, pix, has, pm))
+    monkeypatch.setattr(model, "forward_losses", lambda h, p, labels, pm, *a: seen.update(labels=labels, scored=pm) or losses(h, p, labels, pm, *a))
+    model(**batch, generator=torch.Generator().manual_seed(0))
+    assert seen["pm"][swapped].any(dim=1).all() and seen["pm"][~swapped].any(dim=1).all()
+    assert (seen["ids"][swapped] == cfg.mask_token_id).any()
+    assert not seen["scored"][swapped].any() and seen["scored"][~swapped].any()
+    assert (seen["labels"][swapped] == objectives.IGNORE).all()
+
+
 def test_masking_ratios_hold():
     gen = torch.Generator().manual_seed(0)
     has_image = torch.tensor([True] * 60 + [False] * 4)

@@ -148,6 +148,15 @@ def test_train_config_rejects_unknown_fields_and_presets():
         TrainConfig.from_dict({"preset": "tiny", "stepz": 3})
     with pytest.raises(ValueError, match="unknown preset"):
         TrainConfig(preset="huge").check()
+    with pytest.raises(ValueError, match="unknown variant"):
+        TrainConfig(variant="vilt").check()
+
+
+def test_cli_variant_choices_are_the_model_variants():
+    from item_model.config import VARIANTS
+    from pipeline.cli import MODEL_VARIANTS
+
+    assert set(MODEL_VARIANTS) == set(VARIANTS)
 
 
 def test_cli_pretrain_has_help_with_an_example():
@@ -263,3 +272,13 @@ def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor,
     model, proc = load_model_dir(out)
     assert json.load(open(os.path.join(out, "tokenizer.json"))) == json.load(open(os.path.join(bert_dir, "tokenizer.json")))
     assert model.config.vocab_size == len(proc.tokenizer)
+
+
+def test_pretrain_builds_the_variant_it_is_given(ray_local, catalog, tmp_path):
+    """The two_stream variant is another model class: pretrain must build, train and export that class."""
+    out = str(tmp_path / "two_stream")
+    cfg = _cfg(steps=4, warmup_steps=1, checkpoint_every=4, report_every=2, num_workers=1, variant="two_stream")
+    pretrain(catalog, out, cfg)
+    model, _ = load_model_dir(out)
+    assert type(model).__name__ == "TwoStreamModel" and model.config.use_contrastive
+    assert "contrastive" in storage.read_manifest(out)["final_losses"]
