@@ -40,6 +40,9 @@ class IndexStage:
 @dataclass
 class DedupStage:
     threshold: float = 0.95  # cosine similarity at or above which two listings are duplicates
+    # > 0: ignore `threshold` and pick the lowest one that reaches this precision on the catalog's labelled
+    # duplicate groups (column group_id), recorded in the dedup manifest
+    calibrate_precision: float = 0.0
     k: int = 10  # neighbours examined per listing
     actors: int = 1  # search actors (each loads all shards once)
 
@@ -104,6 +107,7 @@ def parse_config(data: dict[str, Any]) -> NightlyConfig:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in [("index.min_recall", config.index.min_recall), ("dedup.threshold", config.dedup.threshold),
+                       ("dedup.calibrate_precision", config.dedup.calibrate_precision),
                        ("backfill.min_confidence", config.backfill.min_confidence)]:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be between 0 and 1, got {value}")

@@ -81,9 +81,12 @@ def _stage_index(config: NightlyConfig, embeddings: str, out: str) -> dict:
 
 
 def _stage_dedup(config: NightlyConfig, index: str, embeddings: str, out: str) -> dict:
-    from pipeline.dedup import run_dedup
+    from pipeline.dedup import read_groups, run_dedup
 
     d = config.dedup
+    if d.calibrate_precision > 0:
+        calibrate = (read_groups(config.catalog), d.calibrate_precision)
+        return run_dedup(index, embeddings, out, None, d.k, calibrate, num_actors=d.actors)
     return run_dedup(index, embeddings, out, d.threshold, d.k, num_actors=d.actors)
 
 
@@ -154,7 +157,7 @@ def build_report(run_date: dt.date, root: str, previous: str | None, manifests: 
         "modalities": emb.get("modalities", {}),
         "index": {"recall_at_10": idx.get("recall_at_10"), "shards": len(idx.get("shards", [])),
                   "spec": idx.get("spec"), "vectors": idx.get("n_vectors")},
-        "dedup": {"threshold": dup["threshold"], "pairs": dup["n_pairs"], "clusters": dup["n_clusters"],
+        "dedup": {"threshold": dup["threshold"], "calibration": dup.get("calibration"), "pairs": dup["n_pairs"], "clusters": dup["n_clusters"],
                   "cluster_size_histogram": dup["cluster_size_histogram"]},
         "backfill": {k: bf.get(k) for k in ("n_unlabelled", "n_filled", "n_unfilled", "n_no_embedding", "fill_accuracy")},
         "stage_seconds": timings,
@@ -178,7 +181,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"rejected {c['rejected']} ({'reconciles' if report['reconciles'] else 'DOES NOT RECONCILE'})",
         f"- rejects by reason: {rejects}; image errors (embedded from title): {image_errors}",
         f"- index: {i['spec']} in {i['shards']} shards, recall@10 vs exact {i['recall_at_10']}",
-        f"- duplicates at cosine >= {d['threshold']}: {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})",
+        f"- duplicates at cosine >= {d['threshold']:.4f}"
+        + (f" (calibrated to precision {d['calibration']['precision']:.3f} on labelled groups)" if d.get("calibration") else "")
+        + f": {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})",
         f"- backfill: {b['n_filled']} filled, {b['n_unfilled']} left unfilled of {b['n_unlabelled']} uncategorised rows"
         + (f"; accuracy vs ground truth {b['fill_accuracy']}" if b.get("fill_accuracy") is not None else ""),
         f"- stage times: {times}; resumed (already published): {', '.join(report['stages_resumed']) or 'none'}",

@@ -7,16 +7,12 @@ import os
 import re
 import shlex
 import sys
-from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from pipeline.index import IndexFilesError, RecallTooLowError
 from pipeline.sample_catalog import summarize_catalog, write_sample_catalog
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 # item_model.config.VARIANTS, spelled out so that the CLI starts without importing transformers;
 # tests/test_train.py checks that the two agree
@@ -284,7 +280,7 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
 
     Example: item-pipeline dedup runs/index runs/emb runs/dups --threshold 0.97
     """
-    from pipeline.dedup import run_dedup
+    from pipeline.dedup import read_groups, run_dedup
 
     if threshold is None and calibrate_precision is None:
         raise click.UsageError("give --threshold, or --calibrate-precision with --catalog")
@@ -292,7 +288,7 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
         raise click.UsageError("--calibrate-precision and --catalog go together")
     _init_ray()
     try:
-        calibrate = (_group_of(catalog), calibrate_precision) if catalog else None
+        calibrate = (read_groups(catalog), calibrate_precision) if catalog else None
         manifest = run_dedup(index, embeddings, out, threshold, k, calibrate, actors, threads_per_actor, overwrite)
     except USER_ERRORS as e:
         raise _fail(e) from e
@@ -301,16 +297,6 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
         click.echo(f"calibrated threshold {manifest['threshold']:.4f}: precision {cal['precision']:.3f} "
                    f"on labelled groups, {cal['pairs']} pairs")
     click.echo(f"published {out}: {manifest['n_pairs']} pairs, {manifest['n_clusters']} clusters")
-
-
-def _group_of(catalog_uri: str) -> "pd.Series":
-    from pipeline.backfill import read_catalog_labels
-
-    frame = read_catalog_labels(catalog_uri)
-    if "group_id" not in frame.columns:
-        raise ValueError(f"catalog {catalog_uri} has no group_id column to calibrate on")
-    groups = frame.set_index("item_id")["group_id"]
-    return groups.astype(object).where(groups.notna(), None)
 
 
 @main.command("backfill-categories")

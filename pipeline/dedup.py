@@ -171,6 +171,17 @@ def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, 
     return manifest
 
 
+def read_groups(catalog_uri: str) -> pd.Series:
+    """item_id -> group_id (None where unknown) of a labelled catalog, for threshold calibration."""
+    from pipeline.backfill import read_catalog_labels
+
+    frame = read_catalog_labels(catalog_uri)
+    if "group_id" not in frame.columns:
+        raise ValueError(f"catalog {catalog_uri} has no group_id column to calibrate the threshold on")
+    groups = frame.set_index("item_id")["group_id"]
+    return groups.astype(object).where(groups.notna(), None)
+
+
 def run_dedup(
     index_uri: str,
     embeddings_uri: str,
