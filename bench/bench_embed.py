@@ -88,8 +88,8 @@ def main() -> None:
     actor_rate = manifest["embedded"] / t["encode_s"]
     print(summary_line(manifest))
     print(json.dumps({"resources": manifest["resources"], "timings": t}, indent=1))
-    print(f"\n| preset | rows | batch | threads | bare decode items/s | bare encode items/s | job items/s (wall) "
-          f"| ratio | encode actor busy items/s |")
+    print("\n| preset | rows | batch | threads | bare decode items/s | bare encode items/s | job items/s (wall) "
+          "| ratio | encode actor busy items/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.preset} | {len(titles)} | {args.batch_size} | {args.encode_threads} | {len(titles) / decode_s:.0f} "
           f"| {bare_rate:.0f} | {job_rate:.0f} | {job_rate / bare_rate:.2f} | {actor_rate:.0f} |")

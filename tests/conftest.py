@@ -14,10 +14,30 @@ TINY_CATALOG_ROWS = 120  # enough for every defect kind (>= MIN_ROWS_FOR_ALL_DEF
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """Local Ray on 2 CPUs for one test module (modules that need other Ray settings define their own)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def s3_env():
+    """A moto S3 server on 127.0.0.1 (real HTTP) and the AWS_* variables that point s3fs / botocore at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_env):
+    """Local Ray on 2 CPUs for one test module; its workers inherit the module's S3 variables."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_env})
     yield
     ray.shutdown()
 

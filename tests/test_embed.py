@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from item_model import load_model_dir
 from pipeline import storage
@@ -21,35 +20,6 @@ from pipeline.sample_catalog import EXPECTED_OUTCOME, make_sample_catalog, write
 
 CATALOG_ROWS = 150
 OPTIONS = EmbedOptions(batch_size=32, rows_per_file=60)  # several part files and several batches
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on 127.0.0.1 and the AWS_* variables that point s3fs / botocore at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        yield env
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_env):
-    """Local Ray on 2 CPUs, started after the S3 variables are set so that every worker inherits them."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": s3_env}, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

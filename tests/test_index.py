@@ -155,23 +155,11 @@ def test_every_command_and_option_has_help():
 
 
 @pytest.fixture
-def s3_bucket(monkeypatch):
-    """A moto S3 server on 127.0.0.1 with one bucket; AWS_* variables point s3fs / botocore at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
+def s3_bucket(s3_env):
+    """A bucket on the module's moto S3 server."""
     fs, _ = storage.get_fs("s3://bucket")
     fs.mkdir("bucket")
     yield "s3://bucket"
-    fs.clear_instance_cache()
-    server.stop()
 
 
 def test_index_dir_on_s3_loads_and_searches(s3_bucket, ivf_index_uri, index_catalog):

@@ -44,35 +44,6 @@ def table_rows(uri: str, columns: list[str]) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on 127.0.0.1 with a bucket, and the AWS_* variables that point s3fs at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        fs, _ = storage.get_fs("s3://nightly")
-        fs.mkdir("nightly")
-        yield env
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_env):
-    """Local Ray whose workers inherit the S3 variables (this module runs one job on s3://)."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_env})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def day1(tmp_path_factory, tiny_model_dir, ray_local):
     root = tmp_path_factory.mktemp("nightly")
     catalog = str(root / "catalog.parquet")
@@ -170,6 +141,7 @@ def test_same_job_on_s3_roots(day1, s3_env):
     """Catalog and every output on s3:// (moto over HTTP): the same counts as the local run."""
     config, local = day1
     fs, _ = storage.get_fs("s3://nightly")
+    fs.mkdir("nightly")
     fs.put(config.catalog, "nightly/catalog/part-00000.parquet")
     s3 = parse_config({**_as_dict(config), "catalog": "s3://nightly/catalog", "output_root": "s3://nightly/runs"})
     report = run_nightly(s3, DAY1)
