@@ -10,6 +10,7 @@ import hashlib
 import os
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .config import ItemConfig
 from .modeling import ItemModel
@@ -19,6 +20,10 @@ from .two_stream import TwoStreamModel
 MODEL_CLASSES = {"single_stream": ItemModel, "two_stream": TwoStreamModel}
 
 VERSION_FILE = "model_version"
+
+# transformers draws a progress bar for every load and save of a few-MB model dir: noise in batch logs
+# (one per encode actor) and in the CLI's output
+hf_logging.disable_progress_bar()
 
 
 def weights_version(directory: str) -> str:

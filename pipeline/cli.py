@@ -230,18 +230,24 @@ def build_index_cmd(embeddings, out, shards, spec, memory_budget, min_recall, ev
 @click.argument("index")
 @click.option("--item-id", help="Search with the vector of this item (read from the embedding table the index was built from).")
 @click.option("--vector-file", type=click.Path(exists=True, dir_okay=False), help="Search with vectors from a .npy file, [D] or [Q, D], L2-normalised.")
+@click.option("--title", default=None, help="A new listing's title: embedded with the model dir named in the index manifest.")
+@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A new listing's image file (JPEG/PNG/WebP), with or without --title.")
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours to return per query.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def search(index, item_id, vector_file, k, as_json):
-    """Query all shards of INDEX and print the merged top-k.
+def search(index, item_id, vector_file, title, image_path, k, as_json):
+    """Query all shards of INDEX and print the merged top-k (query, rank, item_id, score).
 
     Example: item-pipeline search runs/index --item-id 15970 --k 5
+
+    A listing that is not in the catalog: item-pipeline search runs/index --title "red tee" --image tee.jpg
     """
     from pipeline import storage
     from pipeline.index import ShardedIndex, read_embedding_table
 
-    if (item_id is None) == (vector_file is None):
-        raise click.UsageError("give exactly one of --item-id or --vector-file")
+    new_listing = title is not None or image_path is not None
+    if sum([item_id is not None, vector_file is not None, new_listing]) != 1:
+        raise click.UsageError("give exactly one of --item-id, --vector-file, or --title/--image")
     try:
         sharded = ShardedIndex.load(index)
         if item_id is not None:
@@ -249,6 +255,11 @@ def search(index, item_id, vector_file, k, as_json):
             ids, vectors, _ = read_embedding_table(embeddings, item_ids=[item_id])
             if not len(ids):
                 raise ValueError(f"item {item_id!r} is not in the embedding table {embeddings}")
+        elif new_listing:
+            from pipeline.embed import embed_listing
+
+            image = open(image_path, "rb").read() if image_path else None
+            vectors = embed_listing(storage.read_manifest(index)["model_dir"], title, image)
         else:
             vectors = np.atleast_2d(np.load(vector_file)).astype(np.float32)
         scores, found = sharded.search(vectors, k)

@@ -253,6 +253,19 @@ class Encoder:
         return out
 
 
+def embed_listing(model_dir: str, title: str | None, image: bytes | None) -> np.ndarray:
+    """One listing (not in any catalog) -> [1, D], exactly as the job would embed it.
+
+    Raises ValueError when it has neither a usable title nor a usable image (the job would reject it).
+    """
+    processor = ItemProcessor.from_pretrained(model_dir)
+    inputs = processor([title if _is_usable_title(title) else ""], [image])
+    if not _is_usable_title(title) and not inputs["has_image"][0]:
+        reason = inputs["image_error"][0] or "no image"
+        raise ValueError(f"the listing has no usable title and no usable image ({reason})")
+    return Encoder(model_dir, device="cpu").encode(inputs)
+
+
 # --- write (driver, streaming) ---------------------------------------------------------------------
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -206,3 +208,30 @@ def test_cluster_yaml_has_head_gpu_and_cpu_workers_and_every_key_commented():
             commented = "#" in line or lines[i - 1].strip().startswith("#") or i + 1 < len(lines) and (
                 lines[i + 1].strip().startswith("#"))
             assert commented, f"cluster.yaml line {i + 1} has no comment: {line}"
+
+
+def test_search_a_new_listing_by_title_and_image(day1, tmp_path):
+    """A listing given as title + image file is embedded with the index's model exactly as the job
+    embedded it, and searched over all shards."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.embed import embed_listing
+    from pipeline.index import read_embedding_table
+
+    config, _ = day1
+    rows = pq.read_table(config.catalog).to_pylist()
+    row = next(r for r in rows if r["defect"] is None and r["image"] and r["title"])
+    run = os.path.join(config.output_root, "dt=2026-11-20")
+    _, stored, _ = read_embedding_table(os.path.join(run, "embeddings"), item_ids=[row["item_id"]])
+    np.testing.assert_allclose(embed_listing(config.model_dir, row["title"], row["image"]), stored, atol=1e-5)
+
+    image = tmp_path / "listing.jpg"
+    image.write_bytes(row["image"])
+    index = os.path.join(run, "index")
+    result = CliRunner().invoke(main, ["search", index, "--title", row["title"], "--image", str(image), "--k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] > 0.9999
+    result = CliRunner().invoke(main, ["search", index, "--title", ""])
+    assert result.exit_code != 0 and "no usable title and no usable image" in result.output
