@@ -36,6 +36,8 @@ jobs kept the load average at 7-19 on the 2 cores:
     3 families x relistings x 3 variants query rows; the calibration measured ~21 rows/s under load
     (~44 on a quiet machine), so `--limit 2000 --relistings 150` is 7,350 rows ~ 3-6 min per model,
     15-25 min for five; the metrics and the two references take seconds.
+  - as run (docs/evaluation.md): 37 min in all at load average 5-11 (train 21.5, evaluate 15.2); on an
+    idle machine training runs at ~40 samples/s and embedding at ~190 rows/s, so about 25 min.
 
 The defaults below are that budget; on a GPU or a bigger machine raise --steps and --limit.
 """
