@@ -219,15 +219,17 @@ def check_catalog_schema(catalog_uri: str, cfg: TrainConfig) -> None:
 
 
 def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig) -> ray.data.Dataset:
-    """The training dataset: read only the needed columns, preprocess on CPU tasks, stream to trainers."""
+    """The training dataset: read only the needed columns in a seeded random order, preprocess on CPU
+    tasks, stream to trainers."""
     columns = [cfg.id_column, cfg.title_column, cfg.image_column]
     # An instance, not the class: Ray Data runs it as stateless tasks fused with the read (one task
     # per block reads and decodes). The processor holds only a tokenizer, cheap to ship per task, and
     # tasks never pin CPUs the way an actor pool does, which on a small machine would starve the read.
     preprocess = TrainPreprocessor(processor, cfg.id_column, cfg.title_column, cfg.image_column)
-    return ray.data.read_parquet(catalog_uri, columns=columns).map_batches(
-        preprocess, batch_size=cfg.preprocess_batch_size, batch_format="numpy",
-    )
+    # Catalogs are often sorted (by id, by category): a short run over the file's order would see a few
+    # categories only. Shuffle the raw rows (small: encoded bytes) with the run's seed, before decoding.
+    rows = ray.data.read_parquet(catalog_uri, columns=columns).random_shuffle(seed=cfg.seed)
+    return rows.map_batches(preprocess, batch_size=cfg.preprocess_batch_size, batch_format="numpy")
 
 
 def iter_titles(catalog_uri: str, column: str) -> Iterator[str]:
