@@ -72,16 +72,10 @@ def open_dataset(uri: str) -> pds.Dataset:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"catalog {uri} does not exist")
-    if info.type == pafs.FileType.Directory:
-        files = sorted(
-            f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-            and not any(p.startswith(("_", ".")) for p in f.path[len(path):].split("/"))
-        )
-        if not files:
-            raise FileNotFoundError(f"catalog {uri} holds no .parquet files")
-        return pds.dataset(files, filesystem=fs, format="parquet")
-    return pds.dataset(path, filesystem=fs, format="parquet")
+    files = storage.parquet_files(uri)  # one rule for what counts as data: `_`/`.` paths do not
+    if not files:
+        raise FileNotFoundError(f"catalog {uri} holds no .parquet files")
+    return pds.dataset(files, filesystem=fs, format="parquet")
 
 
 def _is_string(t: pa.DataType) -> bool:

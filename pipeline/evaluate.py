@@ -38,6 +38,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from pipeline.backfill import precision_coverage as backfill_curve
+from pipeline.backfill import vote
 from pipeline.perturb import RelistConfig, relist
 from pipeline.storage import get_fs
 
@@ -253,17 +255,10 @@ def knn_vote_loo(
     gallery = emb[labelled]
     q_emb = (emb if query_emb is None else query_emb)[labelled[queries]]
     scores, ids = _search(gallery, q_emb, k, exclude=queries)
-    weights = np.maximum(scores, 0.0)
-    predicted, confidence = [], []
-    for row_ids, row_w in zip(ids, weights):
-        votes: dict[str, float] = {}
-        for j, w in zip(row_ids, row_w):
-            if j >= 0:
-                votes[y[j]] = votes.get(y[j], 0.0) + float(w)
-        total = sum(votes.values())
-        best = max(votes, key=votes.get) if votes else None  # ties: first neighbour's label wins (dict order)
-        predicted.append(best)
-        confidence.append(votes[best] / total if best is not None and total > 0 else 0.0)
+    classes, codes = np.unique(y.astype(str), return_inverse=True)
+    neighbour_codes = np.where(ids >= 0, codes[np.clip(ids, 0, None)], -1)
+    winner, confidence, _ = vote(neighbour_codes, scores, len(classes))  # the backfill job's own vote
+    predicted = [classes[w] if w >= 0 else None for w in winner]
     truth = y[queries]
     correct = [p == t for p, t in zip(predicted, truth)]
     return {
@@ -279,13 +274,8 @@ def precision_coverage(
     confidence: Sequence[float], correct: Sequence[bool], thresholds: Sequence[float]
 ) -> dict[str, list[float]]:
     """Backfill trade-off: at each threshold, share of rows filled (coverage) and share filled right."""
-    conf, ok = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=bool)
-    coverage, precision = [], []
-    for t in thresholds:
-        filled = conf >= t
-        coverage.append(float(filled.mean()) if len(conf) else float("nan"))
-        precision.append(float(ok[filled].mean()) if filled.any() else float("nan"))
-    return {"threshold": [float(t) for t in thresholds], "coverage": coverage, "precision": precision}
+    curve = backfill_curve(np.asarray(correct, dtype=bool), np.asarray(confidence, dtype=float), np.asarray(thresholds))
+    return {key: [point[key] for point in curve] for key in ("threshold", "coverage", "precision")}
 
 
 def linear_probe(
