@@ -56,27 +56,37 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from item_model.config import VARIANTS  # noqa: E402
+from item_model.config import PRESETS, VARIANTS  # noqa: E402
 from pipeline import storage  # noqa: E402
 
-DEFAULTS = dict(preset="small", steps=250, batch_size=32, lr=5e-4, limit=2000, relistings=150, knn_queries=2000)
+DEFAULTS = dict(preset="minilm", init_from="minilm", variants="item,item_no_global,item_contrastive", steps=300,
+                batch_size=64, lr=1e-4, fresh_lr_scale=10.0, holdout=0.2, limit=4000, relistings=300,
+                knn_queries=2000, references="tfidf,phash,minilm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("catalog", help="Fashion catalog Parquet (item_id, title, image, articleType, dup_group); read in place.")
     p.add_argument("--out", required=True, help="Run directory: models/, report/ (must not hold a report yet).")
-    p.add_argument("--preset", default=DEFAULTS["preset"], choices=["tiny", "small", "base"], help="Model size preset.")
+    p.add_argument("--preset", default=DEFAULTS["preset"], choices=sorted(PRESETS), help="Model size preset.")
+    p.add_argument("--init-from", default=DEFAULTS["init_from"],
+                   help="Pretrained start of every variant (a named start or a BERT dir; 'none': random init).")
+    p.add_argument("--fresh-lr-scale", type=float, default=DEFAULTS["fresh_lr_scale"],
+                   help="With a start: lr multiplier of the parameters it does not initialise (image stream, heads).")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="Optimizer steps per variant.")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="Rows per step.")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Peak AdamW learning rate (10%% warm-up, cosine).")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"Comma-separated variants to train and compare (default: all of {', '.join(VARIANTS)}).")
+    p.add_argument("--variants", default=DEFAULTS["variants"],
+                   help=f"Comma-separated variants to train and compare, of {', '.join(VARIANTS)}.")
+    p.add_argument("--references", default=DEFAULTS["references"],
+                   help="Untrained references evaluated beside them (pipeline.evaluate.BASELINES).")
+    p.add_argument("--holdout", type=float, default=DEFAULTS["holdout"],
+                   help="Share of the catalog held out of pretraining, split by duplicate group; evaluation "
+                        "runs on the held-out rows only.")
     p.add_argument("--limit", type=int, default=DEFAULTS["limit"],
-                   help="Evaluation sample: about this many catalog rows, duplicate groups kept whole (0: all).")
+                   help="Evaluation sample: about this many held-out rows, duplicate groups kept whole (0: all).")
     p.add_argument("--relistings", type=int, default=DEFAULTS["relistings"], help="Re-listing queries per family.")
     p.add_argument("--knn-queries", type=int, default=DEFAULTS["knn_queries"], help="k-NN vote queries.")
-    p.add_argument("--train-limit", type=int, default=None, help="Train on a seeded random subset of this many rows.")
     p.add_argument("--train-threads", type=int, default=0,
                    help="Torch threads of the training worker (0: the library's rule, one per reserved CPU).")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
@@ -98,23 +108,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_catalog(catalog: str, out: str, limit: int | None, seed: int) -> str:
-    """The training rows as a Parquet file in the run dir: item_id, title, image of a seeded random
-    `limit` rows (all rows when None), written in that random order.
+def split_catalog(catalog: str, out: str, args: argparse.Namespace):
+    """Split the catalog by duplicate group: the pretraining rows go to OUT/train-catalog.parquet (item_id,
+    title, image in a seeded random order); the held-out rows come back as the evaluation table (a
+    group-preserving sample of about --limit rows)."""
+    from pipeline.evaluate import EvalOptions, group_split, limit_rows, read_catalog
 
-    Why a copy: the library's training loader streams the catalog in file order (no shuffle), and the
-    fashion catalog is ordered by item id, where neighbours are near-identical products of one type
-    (the first 8,000 rows hold 60 of the 141 leaf types, a third of them T-shirts). A short run would
-    see only the head of the file, and ITM's negatives (the next row's image) would be near duplicates.
-    """
+    options = EvalOptions(group_col=args.group_col, label_col=args.label_col)
+    table = read_catalog(catalog, options)  # checks the evaluated columns first
+    ids = pq.read_table(catalog, columns=["item_id"]).column(0)
+    train_rows, held_rows = group_split(table, args.holdout, args.group_col, args.seed)
     path = os.path.join(out, "train-catalog.parquet")
     if not os.path.exists(path):
-        table = pq.read_table(catalog, columns=["item_id", "title", "image"])
-        n = table.num_rows if limit is None else min(limit, table.num_rows)
-        rows = np.random.default_rng(seed).permutation(table.num_rows)[:n]
-        pq.write_table(table.take(rows), path + ".tmp", row_group_size=2048)  # small row groups: Ray Data streams them
+        order = np.random.default_rng(args.seed).permutation(train_rows)
+        train = table.take(order).append_column("item_id", ids.take(order))
+        # small row groups: Ray Data streams them
+        pq.write_table(train.select(["item_id", "title", "image"]), path + ".tmp", row_group_size=2048)
         os.rename(path + ".tmp", path)
-    return path
+    held = table.take(held_rows)
+    evaluated = limit_rows(held, args.limit, args.group_col, args.seed) if args.limit else held
+    return path, {"train_rows": len(train_rows), "held_out_rows": len(held_rows), "evaluated_rows": evaluated.num_rows}, evaluated
 
 
 def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
@@ -126,6 +139,7 @@ def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
         model_dir = os.path.join(args.out, "models", variant)
         cfg = TrainConfig(
             preset=args.preset, variant=variant, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            init_from=None if args.init_from == "none" else args.init_from, fresh_lr_scale=args.fresh_lr_scale,
             warmup_steps=args.steps // 10, checkpoint_every=max(1, args.steps // 3), report_every=25,
             num_workers=1, use_gpu=False, torch_threads=args.train_threads, seed=args.seed,
             model_overrides=dict(args.overrides),
@@ -154,34 +168,61 @@ def embedding_spread(embed, titles: list, images: list, n: int = 500, seed: int 
     return {"mean_pairwise_cosine": float(off.mean()), "top_pc_share": float(s[0] / s.sum())}
 
 
-def training_section(trained: dict[str, dict], spread: dict[str, dict], args: argparse.Namespace, catalog: str) -> str:
+def training_section(trained: dict[str, dict], args: argparse.Namespace, split: dict) -> str:
     lines = [
         "",
         "## Training (same data, steps, batch, lr and seed for every variant)",
         "",
-        f"- train catalog: `{catalog}` (rows in a seeded random order); preset {args.preset}; {args.steps} steps x batch {args.batch_size} "
-        f"(= {args.steps * args.batch_size} samples); peak lr {args.lr}, warm-up {args.steps // 10} steps then "
-        f"cosine; seed {args.seed}; 1 Ray Train worker, CPU, torch threads "
-        f"{args.train_threads or 'library default (1 per reserved CPU)'}",
+        f"- split by duplicate group (seed {args.seed}): {split['train_rows']} rows pretrain, "
+        f"{split['held_out_rows']} held out, of which {split['evaluated_rows']} evaluated (groups whole)",
+        f"- start: {args.init_from}; preset {args.preset}; {args.steps} steps x batch {args.batch_size} "
+        f"(= {args.steps * args.batch_size} samples per variant); peak lr {args.lr} (parameters not in the "
+        f"start x{args.fresh_lr_scale}), warm-up {args.steps // 10} steps then cosine; seed {args.seed}; "
+        f"1 Ray Train worker, CPU, torch threads {args.train_threads or 'library default (the cores there are)'}",
     ]
     if args.overrides:
         lines.append(f"- ItemConfig overrides on every variant: `{json.dumps(args.overrides)}`")
     lines += [
-        "- collapse check: mean pairwise cosine of 500 sampled rows' embeddings (near 1 = collapsed) and "
-        "the variance share of the first principal component",
         "",
-        "| variant | train s | samples/s (last report) | final losses | mean pairwise cos | top PC share |",
-        "|---|---|---|---|---|---|",
+        "| variant | train s (incl. start-up, export, centring) | samples/s (last report) | final losses |",
+        "|---|---|---|---|",
     ]
     for variant, t in trained.items():
         history = t["manifest"]["history"]
         losses = ", ".join(f"{k} {v:.3f}" for k, v in t["manifest"]["final_losses"].items()
                            if k not in ("rows_seen", "rows_skipped", "eta_s"))
         sps = history[-1]["samples_per_s"] if history else float("nan")
-        sp = spread.get(variant, {})
-        lines.append(f"| {variant} | {t['seconds']:.0f} | {sps:.1f} | {losses} | "
-                     f"{sp.get('mean_pairwise_cosine', float('nan')):.3f} | {sp.get('top_pc_share', float('nan')):.3f} |")
+        lines.append(f"| {variant} | {t['seconds']:.0f} | {sps:.1f} | {losses} |")
     return "\n".join(lines) + "\n"
+
+
+def spread_section(spread: dict[str, dict]) -> str:
+    lines = ["", "## Collapse check (every embedder)", "",
+             "Mean pairwise cosine of 500 sampled evaluated rows' embeddings (near 1 = every row embeds to "
+             "one direction) and the variance share of the first principal component.", "",
+             "| embedder | mean pairwise cos | top PC share |", "|---|---|---|"]
+    lines += [f"| {name} | {sp['mean_pairwise_cosine']:.3f} | {sp['top_pc_share']:.3f} |" for name, sp in spread.items()]
+    return "\n".join(lines) + "\n"
+
+
+def same_weight_embedders(trained: dict[str, dict]) -> dict:
+    """Inference-time choices measured on the same weights: the other pooling of each single-stream
+    variant, and each variant without its fitted corpus centre."""
+    from item_model import load_model_dir
+    from pipeline.evaluate import loaded_model_embedder
+
+    out = {}
+    for variant, t in trained.items():
+        model, processor = load_model_dir(t["dir"])
+        if not hasattr(model, "embedding_center"):
+            continue
+        other = "mean" if model.config.pooling == "cls" else "cls"
+        model.config.pooling = other
+        out[f"{variant} ({other} pooling)"] = loaded_model_embedder(model, processor)
+        model, processor = load_model_dir(t["dir"])
+        model.embedding_center.zero_()
+        out[f"{variant} (no centring)"] = loaded_model_embedder(model, processor)
+    return out
 
 
 def budget_note() -> str:
@@ -203,9 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import torch
 
-    catalog = args.catalog
-    if args.train_limit:
-        catalog = train_catalog(args.catalog, args.out, args.train_limit, args.seed)
+    from pipeline.eval_report import balance_table, main_table, write_report
+    from pipeline.evaluate import EvalOptions, baseline_embedders, evaluate, model_embedder
+
+    t0 = time.perf_counter()
+    catalog, split, table = split_catalog(args.catalog, args.out, args)
+    phases["split"] = time.perf_counter() - t0
+    print(f"split by {args.group_col}: {split}", flush=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
@@ -215,22 +260,19 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     phases["train"] = time.perf_counter() - t0
 
-    from pipeline.eval_report import balance_table, main_table, write_report
-    from pipeline.evaluate import EvalOptions, baseline_embedders, evaluate, model_embedder, read_catalog
-
     t0 = time.perf_counter()
     options = EvalOptions(group_col=args.group_col, label_col=args.label_col, relistings=args.relistings,
                           seed=args.seed, knn_max_queries=args.knn_queries)
-    table = read_catalog(args.catalog, options, args.limit or None)
     titles = table.column(options.title_col).to_pylist()
     images = table.column(options.image_col).to_pylist()
     embedders = {v: model_embedder(t["dir"], batch_size=64) for v, t in trained.items()}
-    embedders.update(baseline_embedders(["tfidf", "phash"], titles))
+    embedders.update(same_weight_embedders(trained))
+    embedders.update(baseline_embedders([r for r in args.references.split(",") if r], titles))
     results = evaluate(table, embedders, options)
     phases["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    spread = {v: embedding_spread(embedders[v], titles, images, seed=args.seed) for v in trained}
+    spread = {name: embedding_spread(embed, titles, images, seed=args.seed) for name, embed in embedders.items()}
     phases["collapse check"] = time.perf_counter() - t0
 
     results.info.update(catalog=args.catalog, command=command)
@@ -240,18 +282,20 @@ def main(argv: list[str] | None = None) -> None:
                f"{torch.get_num_threads()}, no GPU" if not torch.cuda.is_available() else "GPU present (unused)")
     phases["total"] = time.perf_counter() - t_all
     with open(path, "a") as f:
-        f.write(training_section(trained, spread, args, catalog))
+        f.write(training_section(trained, args, split))
+        f.write(spread_section(spread))
         f.write("\n## Budget (bench/compare_models.py)\n\n" + budget_note() + "\n")
         f.write("\n## Wall time per phase\n\n" + "\n".join(f"- {k}: {v / 60:.1f} min" for k, v in phases.items())
                 + f"\n- machine: {machine}\n")
     with open(os.path.join(staging, "run.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items()}, "phases_s": phases, "spread": spread,
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "phases_s": phases, "spread": spread, "split": split,
                    "train_seconds": {v: t["seconds"] for v, t in trained.items()},
                    "train_config": next(iter(trained.values()))["manifest"]["train_config"]}, f, indent=1, default=str)
     os.rename(staging, report_dir)
 
     print("\n" + main_table(results) + "\n\n" + balance_table(results))
-    print(training_section(trained, spread, args, catalog))
+    print(training_section(trained, args, split))
+    print(spread_section(spread))
     print(f"machine: {machine}")
     for k, v in phases.items():
         print(f"wall time {k}: {v:.0f} s ({v / 60:.1f} min)")

@@ -11,6 +11,7 @@ from transformers import BertConfig
 
 ARCHITECTURES = ("single_stream", "two_stream")
 MODALITIES = ("image+title", "title", "image")
+POOLINGS = ("cls", "mean")
 # Token ids that must agree with the tokenizer are never defaulted: `preset_config` reads them from the
 # tokenizer, and `ItemModel` refuses a config where they are unset.
 _FROM_TOKENIZER = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
@@ -42,6 +43,10 @@ class ItemConfig(BertConfig):
     # share of rows trained with one modality dropped, so that embedding a row with a missing image
     # or an empty title is in-distribution
     modality_dropout: float = 0.1
+    # --- the product embedding ---
+    # "cls": the final [CLS] state (the paper's); "mean": the mean of every attended final state (title
+    # tokens incl. [CLS]/[SEP], and the patches when there is an image), as sentence-transformers pool
+    pooling: str = "cls"
     # --- objectives: each has an on/off switch and a weight (weights are our choices) ---
     use_itm: bool = True  # image-text matching on [CLS]
     use_mlm: bool = True  # masked language modelling from each masked slot's own state
@@ -58,6 +63,15 @@ class ItemConfig(BertConfig):
     modalities: str = "image+title"  # "title" | "image": a single-modality model ignores the other input
     use_contrastive: bool = False  # two_stream only: CLIP-style InfoNCE between title and image
     contrastive_weight: float = 1.0
+    # --- beyond the paper: view consistency (our addition, switchable like the five objectives) ---
+    # In-batch InfoNCE that pulls the pooled embedding of the (masked) joint view of a listing towards an
+    # image-only view of it (an independently augmented photo) and a title-only view (tokens dropped):
+    # a re-listing with a new title must still be found by its photo, and the reverse.
+    use_view_contrastive: bool = False
+    view_contrastive_weight: float = 1.0
+    contrastive_temperature: float = 0.05  # InfoNCE temperature (our choice; CLIP learns it, we fix it)
+    view_token_drop: float = 0.2  # share of title words dropped in the title-only view
+    view_crop_scale_min: float = 0.5  # image-only view: random resized crop keeping >= this share of the area
     # dropout off by default: the objectives' masking already regularises, and short CPU runs learn faster
     hidden_dropout_prob: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
@@ -93,6 +107,10 @@ class ItemConfig(BertConfig):
                 raise ValueError(f"use_{name}=True needs the {modality} input but modalities={self.modalities!r}")
         if self.architecture == "two_stream" and (self.modalities != "image+title" or not self.use_contrastive):
             raise ValueError("architecture='two_stream' needs modalities='image+title' and use_contrastive=True")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.use_view_contrastive and (self.architecture != "single_stream" or self.modalities != "image+title"):
+            raise ValueError("use_view_contrastive needs the single-stream model over image+title")
         if self.max_title_len < 2:
             raise ValueError("max_title_len must leave room for [CLS] and [SEP] (>= 2)")
 
@@ -102,6 +120,8 @@ _OFF = dict(use_itm=False, use_mlm=False, use_mim=False, use_global_mlm=False, u
 VARIANTS: dict[str, dict] = {
     "item": {},  # all five objectives
     "item_no_global": dict(use_global_mlm=False, use_global_mim=False),  # ViLT-style: the paper's ablation
+    # the five objectives plus view consistency (ours), pooled by mean: see docs/evaluation.md
+    "item_contrastive": dict(use_view_contrastive=True, pooling="mean"),
     "title_only": dict(modalities="title", use_itm=False, use_mim=False, use_global_mim=False),
     "image_only": dict(modalities="image", use_itm=False, use_mlm=False, use_global_mlm=False),
     # separate title and image encoders of half the depth each, trained contrastively
@@ -120,16 +140,19 @@ PRESETS: dict[str, dict] = {
         hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
         image_size=64, patch_size=8, max_title_len=32,
     ),
+    # all-MiniLM-L6-v2's text geometry (6 x 384, 12 heads), so `--init-from minilm` starts from it; the
+    # image stream sees the fashion photos at their own 80 px height (letterboxed), 25 patches of 16 px.
+    # Titles of real listings are 12 tokens at the median, 22 at most in the fashion catalog: 24 slots.
+    "minilm": dict(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        image_size=80, patch_size=16, max_title_len=24,
+    ),
     # BERT-base encoder (12 x 768), ViT-B/16 image stream at 224 px: for GPU clusters
     "base": dict(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         image_size=224, patch_size=16, max_title_len=48,
     ),
 }
-
-# a name that reads like timm's, for logs and docs
-PRESET_NAMES = {"tiny": "item_tiny_patch8_32", "small": "item_small_patch8_64", "base": "item_base_patch16_224"}
-
 
 def preset_config(name: str, tokenizer, variant: str = "item", **overrides) -> ItemConfig:
     """The config of preset `name` and model `variant`, with vocab size and special token ids read from

@@ -10,6 +10,8 @@ Learning for eCommerce", arXiv 2311.02084.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,16 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, g * g, patch_size * patch_size * c)  # [B, N, P*P*C]
 
 
+def empty_titles(config: ItemConfig, like: torch.Tensor, t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, t] of rows with no title: [CLS] [SEP] [PAD]..., exactly what the
+    processor makes of an empty title, so a row trained without its title is embedded the same way."""
+    t = like.shape[1] if t is None else t
+    ids = torch.full((t,), config.pad_token_id, dtype=like.dtype, device=like.device)
+    ids[0], ids[1] = config.cls_token_id, config.sep_token_id
+    mask = (torch.arange(t, device=like.device) < 2).to(like.dtype)
+    return ids.expand(like.shape[0], t), mask.expand(like.shape[0], t)
+
+
 def restrict_modalities(
     config: ItemConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor, has_image: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,12 +54,15 @@ def restrict_modalities(
     if config.modalities == "title":
         has_image = torch.zeros_like(has_image)
     elif config.modalities == "image":
-        t = input_ids.shape[1]
-        empty = torch.full((t,), config.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-        empty[0], empty[1] = config.cls_token_id, config.sep_token_id
-        input_ids = empty.expand_as(input_ids)
-        attention_mask = (torch.arange(t, device=input_ids.device) < 2).to(attention_mask.dtype).expand_as(attention_mask)
+        input_ids, attention_mask = empty_titles(config, input_ids)
     return input_ids, attention_mask, has_image
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the title columns that are padding in every row of the batch (titles are padded to
+    max_title_len; most are half that): less work, the same result, since pads are never attended."""
+    t = max(2, int(attention_mask.sum(dim=1).max()))
+    return input_ids[:, :t], attention_mask[:, :t]
 
 
 class ItemEmbeddings(nn.Module):
@@ -88,13 +103,15 @@ class ItemEmbeddings(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
-        patches: torch.Tensor,  # [B, N, P*P*C] normalised pixels
+        patches: torch.Tensor | None,  # [B, N, P*P*C] normalised pixels; None = a title-only stream
         patch_mask: torch.Tensor | None = None,  # [B, N] bool: patches hidden from the encoder (MIM)
     ) -> torch.Tensor:
         # text embeddings (modality type 0) and patch embeddings (modality type 1), then
         # concatenate into one stream: [CLS] title [SEP] patches
-        stream = torch.cat([self.embed_text(input_ids), self.embed_image(patches, patch_mask)], dim=1)
-        return self.dropout(self.LayerNorm(stream))  # [B, T+N, D]
+        stream = self.embed_text(input_ids)  # [B, T, D]
+        if patches is not None:
+            stream = torch.cat([stream, self.embed_image(patches, patch_mask)], dim=1)  # [B, T+N, D]
+        return self.dropout(self.LayerNorm(stream))
 
 
 class GlobalHead(nn.Module):
@@ -137,6 +154,9 @@ class ItemModel(PreTrainedModel):
 
     config_class = ItemConfig
     base_model_prefix = "item"
+    # the parameters init_from_bert fills from a BERT checkpoint; everything else starts random
+    BERT_PARAMETERS = ("embeddings.word_embeddings.", "embeddings.text_position_embeddings.",
+                       "embeddings.modality_type_embeddings.", "embeddings.LayerNorm.", "encoder.")
     main_input_name = "input_ids"
     _supports_sdpa = True
 
@@ -146,6 +166,11 @@ class ItemModel(PreTrainedModel):
         self.embeddings = ItemEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.heads = ItemPretrainingHeads(config)
+        # the corpus mean of the published vectors, subtracted inside `encode` (zeros: nothing is subtracted).
+        # Fitted on the training catalog at the end of pretraining (fit_embedding_center) and saved with the
+        # weights, so every consumer of the model dir gets the same vectors. Without it, a briefly trained
+        # encoder's vectors share one dominant direction and every pair looks alike.
+        self.register_buffer("embedding_center", torch.zeros(config.hidden_size))
         self.post_init()
 
     @torch.no_grad()
@@ -153,6 +178,8 @@ class ItemModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, ItemEmbeddings):
             init.normal_(module.mask_patch, std=self.config.initializer_range)
+        if isinstance(module, ItemModel):
+            init.zeros_(module.embedding_center)
 
     @property
     def embedding_dim(self) -> int:
@@ -169,7 +196,8 @@ class ItemModel(PreTrainedModel):
         """
         from transformers import BertModel  # local import: only this path needs it
 
-        bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False)
+        bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False,
+                                         use_safetensors=True)
         b, c = bert.config, self.config
         fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
         bad = [f"{f}: preset {getattr(c, f)} vs {bert_dir} {getattr(b, f)}" for f in fields if getattr(c, f) != getattr(b, f)]
@@ -195,20 +223,30 @@ class ItemModel(PreTrainedModel):
         self,
         input_ids: torch.Tensor,  # [B, T] int64
         attention_mask: torch.Tensor,  # [B, T] 1 = real token
-        pixel_values: torch.Tensor,  # [B, S, S, 3] uint8
+        pixel_values: torch.Tensor | None,  # [B, S, S, 3] uint8 (or float 0..255); None = title-only stream
         has_image: torch.Tensor,  # [B] bool; False = no image, its patches are not attended to
         patch_mask: torch.Tensor | None = None,  # [B, N] bool, MIM only
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (final hidden states [B, T+N, D], the normalised patches [B, N, P*P*C])."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (final hidden states [B, L, D], the stream's attention mask [B, L] with L = T+N
+        (L = T without pixels), the normalised patches [B, N, P*P*C] or None)."""
         input_ids, attention_mask, has_image = restrict_modalities(self.config, input_ids, attention_mask, has_image)
-        patches = patchify(pixel_values, self.config.patch_size)  # [B, N, P*P*C]
-        embeddings = self.embeddings(input_ids, patches.to(self.dtype), patch_mask)  # [B, T+N, D]
-        n = patches.shape[1]
-        image_attention = has_image[:, None].expand(-1, n).to(attention_mask.dtype)  # [B, N]
-        mask = torch.cat([attention_mask, image_attention], dim=1)  # [B, T+N]
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=mask)
-        hidden = self.encoder(embeddings, attention_mask=mask).last_hidden_state  # [B, T+N, D]
-        return hidden, patches
+        patches = None if pixel_values is None else patchify(pixel_values, self.config.patch_size)  # [B, N, P*P*C]
+        embeddings = self.embeddings(input_ids, None if patches is None else patches.to(self.dtype), patch_mask)
+        mask = attention_mask  # [B, T]
+        if patches is not None:
+            image_attention = has_image[:, None].expand(-1, patches.shape[1]).to(attention_mask.dtype)  # [B, N]
+            mask = torch.cat([attention_mask, image_attention], dim=1)  # [B, T+N]
+        attention = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=mask)
+        hidden = self.encoder(embeddings, attention_mask=attention).last_hidden_state  # [B, L, D]
+        return hidden, mask, patches
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The row's vector before normalisation, [B, D]: the [CLS] state, or the mean of the attended
+        states (config.pooling)."""
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.to(hidden.dtype)[..., None]  # [B, L, 1]
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     # --- the public embedding call ---------------------------------------------------------------
 
@@ -220,12 +258,30 @@ class ItemModel(PreTrainedModel):
         pixel_values: torch.Tensor,
         has_image: torch.Tensor,
     ) -> torch.Tensor:
-        """The product embedding: the L2-normalised final [CLS] state, [B, D] float32.
+        """The product embedding, [B, D] float32: the pooled final state (config.pooling), L2-normalised,
+        minus the corpus mean fitted in pretraining (embedding_center), L2-normalised again.
 
         A row may lack a modality: `has_image=False`, or a title of just [CLS] [SEP].
         """
-        hidden, _ = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image)
-        return F.normalize(hidden[:, 0].float(), dim=-1)
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
+        hidden, mask, _ = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image)
+        vectors = F.normalize(self.pool(hidden, mask).float(), dim=-1)
+        return F.normalize(vectors - self.embedding_center.float(), dim=-1)
+
+    @torch.no_grad()
+    def fit_embedding_center(self, batches: Iterable[dict[str, torch.Tensor]]) -> int:
+        """Set embedding_center to the mean of the (uncentred) vectors of `batches` (model inputs, e.g. a
+        sample of the training catalog); returns the number of rows it was fitted on."""
+        self.embedding_center.zero_()
+        total, rows = torch.zeros_like(self.embedding_center, dtype=torch.float32), 0
+        for batch in batches:
+            vectors = self.encode(**batch)
+            total += vectors.sum(dim=0)
+            rows += vectors.shape[0]
+        if rows == 0:
+            raise ValueError("fit_embedding_center got no rows")
+        self.embedding_center.copy_(total / rows)
+        return rows
 
     # --- phase 2: pretraining losses -------------------------------------------------------------
 
@@ -237,28 +293,32 @@ class ItemModel(PreTrainedModel):
         has_image: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One pretraining step's losses: {"itm", "mlm", "mim", "global_mlm", "global_mim", "loss"}.
+        """One pretraining step's losses: {"itm", "mlm", "mim", "global_mlm", "global_mim", "view", "loss"}.
 
         One encoder pass serves all five objectives: titles are masked, patches are masked, and a share of
         rows get another row's image (ITM negatives). MLM/MIM and their global variants are scored on
         rows whose image was not swapped, so a mismatched pair never teaches reconstruction.
+        The view-consistency term (ours) adds an image-only and a title-only pass (see forward_views).
         Disabled objectives are absent from the dict and cost nothing.
         """
         c = self.config
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         b, t = input_ids.shape
         device = input_ids.device
         input_ids, attention_mask, has_image = restrict_modalities(c, input_ids, attention_mask, has_image)
         has_title = attention_mask.sum(dim=1) > 2  # more than [CLS] [SEP]
+        original = (input_ids, attention_mask, pixel_values, has_image, has_title)  # for the view passes
 
-        # modality dropout: some rows lose their title or their image, as rows in the catalog do
+        # modality dropout: some rows lose their title or their image, as rows in the catalog do. A row
+        # without its title becomes [CLS] [SEP], exactly the input of an empty title at inference.
         if self.training and c.modality_dropout > 0:
             drop = torch.rand(b, generator=generator, device=device) < c.modality_dropout
             drop_image = drop & (torch.rand(b, generator=generator, device=device) < 0.5) & has_title
             drop_title = drop & ~drop_image & has_image
             has_image = has_image & ~drop_image
-            keep = (~drop_title)[:, None] | (torch.arange(t, device=device) == 0)[None]  # keep [CLS]
-            attention_mask = attention_mask * keep
-            input_ids = torch.where(keep.bool(), input_ids, torch.full_like(input_ids, c.pad_token_id))
+            empty_ids, empty_mask = empty_titles(c, input_ids)
+            input_ids = torch.where(drop_title[:, None], empty_ids, input_ids)
+            attention_mask = torch.where(drop_title[:, None], empty_mask, attention_mask)
             has_title = has_title & ~drop_title
 
         # ITM negatives: swap images between rows
@@ -283,13 +343,54 @@ class ItemModel(PreTrainedModel):
             patch_mask = objectives.mask_patches(b, c.num_patches, c.mim_probability, has_image, generator)
             scored_patches = patch_mask & ~swapped[:, None]
 
-        hidden, patches = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image, patch_mask)
-        return self.forward_losses(hidden, patches, labels, scored_patches, swapped, has_image & has_title)
+        hidden, mask, patches = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image, patch_mask)
+        losses = self.forward_losses(hidden, patches, labels, scored_patches, swapped, has_image & has_title)
+        if c.use_view_contrastive:
+            losses["view"] = self.forward_views(self.pool(hidden, mask), ~swapped, *original, generator)
+            losses["loss"] = losses["loss"] + c.view_contrastive_weight * losses["view"]
+        return losses
+
+    def forward_views(
+        self,
+        joint: torch.Tensor,  # [B, D] pooled states of the (masked) joint pass: the anchors
+        anchor_ok: torch.Tensor,  # [B] bool: anchors that show the row's own product (not ITM-swapped)
+        input_ids: torch.Tensor,  # [B, T] the row's unmasked title
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,  # [B, S, S, 3] the row's own image
+        has_image: torch.Tensor,
+        has_title: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """View consistency: in-batch InfoNCE of each anchor against an image-only view of its row (a
+        randomly cropped, flipped, colour-jittered photo) and a title-only view (words dropped).
+
+        The image-only pass is [CLS] [SEP] + patches and the title-only pass has no patches, as the
+        processor makes such rows at inference, so they cost 2+N and T positions, not T+N each.
+        """
+        c = self.config
+        anchors = F.normalize(joint.float(), dim=-1)
+        terms = []
+        image_rows = anchor_ok & has_image
+        if image_rows.sum() >= 2:
+            ids, mask = empty_titles(c, input_ids, t=2)
+            pixels = objectives.augment_images(pixel_values[image_rows], c.view_crop_scale_min, generator)
+            hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
+                                                          has_image[image_rows])
+            views = F.normalize(self.pool(hidden, stream_mask).float(), dim=-1)
+            terms.append(objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature))
+        title_rows = anchor_ok & has_title
+        if title_rows.sum() >= 2:
+            ids, mask = objectives.drop_tokens(input_ids[title_rows], attention_mask[title_rows], c.view_token_drop,
+                                               (c.cls_token_id, c.sep_token_id), c.pad_token_id, generator)
+            hidden, stream_mask, _ = self.forward_encoder(ids, mask, None, torch.zeros_like(has_image[title_rows]))
+            views = F.normalize(self.pool(hidden, stream_mask).float(), dim=-1)
+            terms.append(objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature))
+        return torch.stack(terms).mean() if terms else joint.sum() * 0.0
 
     def forward_losses(
         self,
         hidden: torch.Tensor,  # [B, T+N, D]
-        patches: torch.Tensor,  # [B, N, P*P*C] the unmasked pixels: MIM targets
+        patches: torch.Tensor | None,  # [B, N, P*P*C] the unmasked pixels: MIM targets
         labels: torch.Tensor,  # [B, T] word ids to predict, IGNORE elsewhere
         patch_mask: torch.Tensor | None,  # [B, N] bool masked patches (None: MIM off)
         swapped: torch.Tensor,  # [B] bool, ITM negatives
@@ -321,7 +422,8 @@ class ItemModel(PreTrainedModel):
             if c.use_global_mim:
                 slot = emb.image_position_embeddings.weight[cols]  # [M, D]
                 losses["global_mim"] = objectives.mim_loss(heads.global_mim(cls_state[rows], slot), targets)
-        if not losses:
+        if not losses and not c.use_view_contrastive:
             raise ValueError("every objective is switched off: enable at least one use_* in the config")
-        losses["loss"] = sum(getattr(c, f"{name}_weight") * value for name, value in losses.items())
+        losses["loss"] = sum((getattr(c, f"{name}_weight") * value for name, value in losses.items()),
+                             hidden.new_zeros((), dtype=torch.float32))
         return losses

@@ -7,6 +7,8 @@ losses on predictions made from the [CLS] state plus the slot's position only (s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +97,65 @@ def mim_loss(pred: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     if patches.numel() == 0:
         return pred.sum() * 0.0
     return ((pred.float() - patch_targets(patches.float())) ** 2).mean()
+
+
+# --- view consistency (ours, not the paper's): two views of one listing embed close ------------------
+
+
+def info_nce(anchors: torch.Tensor, views: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE (CLIP's loss): row i of `anchors` [M, D] must pick row i of `views`
+    [M, D] among all M, and the reverse. Both L2-normalised."""
+    logits = anchors @ views.T / temperature  # [M, M]
+    target = torch.arange(len(anchors), device=anchors.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def drop_tokens(
+    input_ids: torch.Tensor,  # [B, T]
+    attention_mask: torch.Tensor,  # [B, T]
+    probability: float,
+    keep_ids: tuple[int, ...],  # never dropped ([CLS], [SEP])
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A title view: each word token is dropped (unattended, set to [PAD]) with `probability`."""
+    rand = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    special = torch.isin(input_ids, torch.tensor(keep_ids, device=input_ids.device))
+    drop = (rand < probability) & attention_mask.bool() & ~special
+    return input_ids.masked_fill(drop, pad_token_id), attention_mask.masked_fill(drop, 0)
+
+
+def augment_images(
+    pixel_values: torch.Tensor,  # [B, S, S, 3] uint8
+    crop_scale_min: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A photo view for training, in batch on the device: random resized crop (area share in
+    [crop_scale_min, 1], aspect 3/4..4/3), horizontal flip, brightness and contrast x U(0.8, 1.2).
+    Returns float [B, S, S, 3] in 0..255 (the model's patchify takes either).
+
+    Deliberately not the evaluation's re-listing generator (pipeline/perturb.py: rotation, new
+    background and padding, JPEG re-encoding, its own crop range): a model trained on the test's own
+    perturbations would prove nothing about real sellers.
+    """
+    b, s, _, _ = pixel_values.shape
+    device = pixel_values.device
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator, device=device)
+
+    area = uniform(crop_scale_min, 1.0)
+    log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    tx, ty = (1 - sx) * uniform(-1.0, 1.0), (1 - sy) * uniform(-1.0, 1.0)  # crop centre, inside the image
+    flip = torch.where(torch.rand(b, generator=generator, device=device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    x = pixel_values.permute(0, 3, 1, 2).float()  # [B, 3, S, S]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * uniform(0.8, 1.2)[:, None, None, None] + mean  # contrast
+    x = x * uniform(0.8, 1.2)[:, None, None, None]  # brightness
+    return x.clamp(0, 255).permute(0, 2, 3, 1)  # [B, S, S, 3]

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +58,8 @@ def train_tokenizer(titles: Iterable[str], vocab_size: int = 8000) -> PreTrained
 def decode_image(data: bytes | None, size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 [size, size, 3] RGB, letterboxed (aspect kept, padded).
 
-    Any mode (RGBA, palette, CMYK, grayscale, 16-bit) becomes RGB. Raises `ImageDecodeError` for
+    Any mode (RGBA, palette, CMYK, grayscale, 16-bit) becomes RGB, turned upright by its EXIF orientation.
+    Raises `ImageDecodeError` for
     anything unusable; never returns a partial image and never decodes a decompression bomb.
     """
     if not data:
@@ -74,6 +75,8 @@ def decode_image(data: bytes | None, size: int) -> np.ndarray:
             # JPEG can decode at 1/2, 1/4, 1/8 scale in the DCT: much faster for large photos
             im.draft("RGB", (size, size))
             im.load()
+            # phone photos are stored sideways with an EXIF orientation tag: show them as the camera saw
+            im = ImageOps.exif_transpose(im)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ import ray.train
 import ray.train.torch
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from ray.data import RandomSeedConfig
+from transformers import PreTrainedTokenizerFast
 
 from pipeline import storage
 
@@ -43,6 +45,7 @@ from .config import PRESETS, VARIANTS, ItemConfig, preset_config
 from .model_dir import build_model, save_model_dir
 from .modeling import ItemModel
 from .processor import ItemProcessor, train_tokenizer
+from .starts import NAMED_STARTS, resolve_start
 
 RUN_NAME = "run"  # Ray Train run name inside the work dir
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
@@ -60,6 +63,9 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 64  # rows per step *per worker*; the global batch is batch_size * num_workers
     lr: float = 5e-4  # peak AdamW learning rate, reached after warm-up
+    # with init_from: peak lr of the parameters the start did not initialise (image stream, heads) is
+    # lr x fresh_lr_scale, so a pretrained encoder fine-tunes gently while the random patch stem learns fast
+    fresh_lr_scale: float = 1.0
     warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to 0 at `steps`
     weight_decay: float = 0.01  # AdamW decay; biases, LayerNorms and embeddings are not decayed
     grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
@@ -70,15 +76,22 @@ class TrainConfig:
     # CPUs reserved per worker; None = 1, or less on a small CPU-only cluster so that at least one CPU is
     # left for Ray Data's preprocessing (a trainer that holds every CPU starves its own input pipeline)
     cpus_per_worker: float | None = None
-    torch_threads: int = 0  # intra-op threads per worker; 0 = max(1, int(cpus_per_worker)) (Ray sets OMP to 1)
+    # intra-op threads per worker; 0 = the node's cores shared among its workers (Ray sets OMP to 1, which
+    # would leave a 2-core machine half idle: Ray Data's decoding is light next to the model's matmuls)
+    torch_threads: int = 0
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
-    init_from: str | None = None  # local HF BERT dir: its vocab and weights initialise the text stream
+    # a named start (item_model.starts.NAMED_STARTS, e.g. "minilm") or a local HF BERT dir with
+    # model.safetensors: its vocab and weights initialise the text stream and the encoder
+    init_from: str | None = None
     seed: int = 0  # seeds model init and, with (rank, step), every masking/swap draw
     vocab_size: int = 8000  # WordPiece vocab trained on the catalog's titles (ignored with init_from)
     id_column: str = "item_id"  # catalog column names (ARCHITECTURE.md: catalog contract)
     title_column: str = "title"
     image_column: str = "image"
     preprocess_batch_size: int = 256  # rows per Ray Data preprocessing task batch
+    # rows of the (shuffled) training catalog whose mean vector becomes the model's embedding_center at
+    # export (0: no centring): removes the direction every vector shares (see ItemModel.encode)
+    center_rows: int = 2048
     # ItemConfig fields to override on the preset: objective switches and weights for ablations and
     # baselines, e.g. {"use_global_mlm": False, "use_global_mim": False} is the ViLT-style baseline
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +111,12 @@ class TrainConfig:
             raise ValueError("checkpoint_every and report_every must be >= 1")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
+        if self.fresh_lr_scale <= 0 or self.center_rows < 0:
+            raise ValueError("fresh_lr_scale must be > 0 and center_rows >= 0")
+        named = NAMED_STARTS.get(self.init_from or "")
+        if named is not None and named.preset != self.preset:
+            raise ValueError(f"--init-from {self.init_from} needs --preset {named.preset} (its text geometry), "
+                             f"not {self.preset}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,26 +131,53 @@ class TrainConfig:
 
 
 # Fields that may change when a run is resumed; the others shape the model or the data and must match.
-RESUMABLE_CHANGES = {"steps", "vocab_size", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
+RESUMABLE_CHANGES = {"steps", "center_rows", "vocab_size", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
                      "checkpoint_every", "report_every", "preprocess_batch_size", "fail_at_step"}
 
 
 # --- the per-step math: plain PyTorch, shared with the bare-loop benchmark --------------------------
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no decay on biases, norms, embeddings) and a linear warm-up + cosine decay schedule."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_restart_step: int | None = None
+                    ) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and its schedule: linear warm-up + cosine decay to 0 at cfg.steps.
+
+    Not decayed: biases, norms and embedding tables (a [MASK] patch, positions, words); the patch
+    projection is a Linear layer and is decayed like every other weight matrix. With init_from, the
+    parameters the start did not initialise learn at lr x fresh_lr_scale. `lr_restart_step`: a run
+    resumed with more steps than it was trained for ramps its learning rate up again from there over
+    warmup_steps instead of jumping from the end of its old schedule to the middle of the new one.
+    """
+    unwrapped = unwrap(model)
+    no_decay = {id(m.weight) for m in unwrapped.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm))}
+    from_start = cfg.init_from is not None and isinstance(unwrapped, ItemModel)
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in unwrapped.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embeddings" in name else decay).append(p)
+        decay = p.ndim >= 2 and id(p) not in no_decay
+        fresh = from_start and not name.startswith(ItemModel.BERT_PARAMETERS)
+        groups.setdefault((decay, fresh), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+          "lr": cfg.lr * (cfg.fresh_lr_scale if fresh else 1.0)}
+         for (decay, fresh), params in sorted(groups.items())],
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
     )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    return optimizer, scheduler
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, restart=lr_restart_step))
+
+
+def lr_factor(step: int, cfg: TrainConfig, restart: int | None = None) -> float:
+    """The share of the peak lr at `step`: warm-up, cosine to 0 at cfg.steps, times a second warm-up from
+    `restart` (a run extended on resume)."""
+    if step < cfg.warmup_steps:
+        factor = step / max(1, cfg.warmup_steps)
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    if restart is not None and step >= restart:
+        factor *= min(1.0, (step - restart + 1) / max(1, cfg.warmup_steps))
+    return factor
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -218,9 +264,13 @@ def check_catalog_schema(catalog_uri: str, cfg: TrainConfig) -> None:
                              f"{'string' if is_type is pa.types.is_string else 'binary (encoded image bytes)'}")
 
 
-def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig) -> ray.data.Dataset:
+def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig, attempt: int = 0) -> ray.data.Dataset:
     """The training dataset: read only the needed columns in a seeded random order, preprocess on CPU
-    tasks, stream to trainers."""
+    tasks, stream to trainers.
+
+    Every pass over the data (epoch) gets a new order (Ray's reseed per execution), and so does every
+    `attempt` (a --resume re-creates the dataset, whose execution count starts again at 0): batches and
+    ITM negatives never repeat a previous pass's."""
     columns = [cfg.id_column, cfg.title_column, cfg.image_column]
     # An instance, not the class: Ray Data runs it as stateless tasks fused with the read (one task
     # per block reads and decodes). The processor holds only a tokenizer, cheap to ship per task, and
@@ -228,7 +278,8 @@ def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig) 
     preprocess = TrainPreprocessor(processor, cfg.id_column, cfg.title_column, cfg.image_column)
     # Catalogs are often sorted (by id, by category): a short run over the file's order would see a few
     # categories only. Shuffle the raw rows (small: encoded bytes) with the run's seed, before decoding.
-    rows = ray.data.read_parquet(catalog_uri, columns=columns).random_shuffle(seed=cfg.seed)
+    seed = RandomSeedConfig(seed=cfg.seed * 1_000_003 + attempt, reseed_after_execution=True)
+    rows = ray.data.read_parquet(catalog_uri, columns=columns).random_shuffle(seed=seed)
     return rows.map_batches(preprocess, batch_size=cfg.preprocess_batch_size, batch_format="numpy")
 
 
@@ -283,7 +334,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model_config = ItemConfig.from_dict(config["model"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker or 1)))
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -291,14 +342,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("init_state") is not None:
         model.load_state_dict(ray.get(config["init_state"]))
     model.to(device)
-    optimizer, scheduler = build_optimizer(model, cfg)
     state: dict[str, Any] = {"step": 0, "history": [], "rows_seen": 0, "rows_skipped": 0, "samples": 0,
-                             "resumed_from": []}
+                             "resumed_from": [], "lr_restart_step": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer, scheduler)
+            state = load_checkpoint(d, model)
+            # a run resumed with more steps than it was trained for warms its lr up again from here
+            if state["train_config"]["steps"] < cfg.steps:
+                state["lr_restart_step"] = state["step"]
+            optimizer, scheduler = build_optimizer(model, cfg, state.get("lr_restart_step"))
+            load_checkpoint(d, model, optimizer, scheduler)
         state.pop("train_config", None)
+    else:
+        optimizer, scheduler = build_optimizer(model, cfg)
     resumed = checkpoint is not None
     if resumed:
         state.setdefault("resumed_from", []).append(state["step"])  # a restart or a --resume
@@ -383,6 +440,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def fit_center(model: ItemModel, dataset: ray.data.Dataset, rows: int, batch_size: int = 128) -> int:
+    """Fit the model's embedding_center on the first `rows` usable rows of the (shuffled) training
+    dataset, on the driver's CPU; returns the rows used (0: centring off, or a two-stream model)."""
+    if rows == 0 or not hasattr(model, "fit_embedding_center"):
+        return 0
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for batch in dataset.limit(rows).iter_torch_batches(batch_size=batch_size, device="cpu"):
+            keep = batch.pop("keep")
+            if keep.any():
+                yield {k: v[keep] for k, v in batch.items()}
+
+    return model.eval().fit_embedding_center(batches())
+
+
 # --- the driver side ----------------------------------------------------------------------------------
 
 
@@ -464,6 +537,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         shutil.rmtree(work, ignore_errors=True)
 
     check_catalog_schema(catalog_uri, cfg)
+    start = resolve_start(cfg.init_from) if cfg.init_from else None  # verified before any work
     # tokenizer: the run's own (resume), a BERT vocab (init_from), or trained on the catalog's titles
     processor_dir = os.path.join(work, "processor")
     shape = {**PRESETS[cfg.preset], **cfg.model_overrides}
@@ -472,7 +546,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         processor = ItemProcessor.from_pretrained(processor_dir)
     else:
         if cfg.init_from:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init_from, local_files_only=True)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(start.path, local_files_only=True)
         else:
             t0 = time.perf_counter()
             tokenizer = train_tokenizer(iter_titles(catalog_uri, cfg.title_column), vocab_size=cfg.vocab_size)
@@ -482,17 +556,21 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         os.makedirs(work, exist_ok=True)
         processor.save_pretrained(processor_dir)
         storage.write_json(cfg_path, cfg.to_dict())
+    attempts_path = os.path.join(work, "attempts")
+    attempt = int(open(attempts_path).read()) + 1 if os.path.exists(attempts_path) else 0
+    with open(attempts_path, "w") as f:
+        f.write(str(attempt))
     model_config = preset_config(cfg.preset, processor.tokenizer, variant=cfg.variant, **cfg.model_overrides)
 
     init_state = None
     if cfg.init_from:  # used only when the run has no checkpoint yet
         torch.manual_seed(cfg.seed)
         model = ItemModel(model_config)
-        model.init_from_bert(cfg.init_from)
+        model.init_from_bert(start.path)
         init_state = ray.put(model.state_dict())
 
     t0 = time.perf_counter()
-    trainer = build_trainer(build_dataset(catalog_uri, processor, cfg), model_config, cfg, work,
+    trainer = build_trainer(build_dataset(catalog_uri, processor, cfg, attempt), model_config, cfg, work,
                             init_state=init_state)
     result = trainer.fit()
     if result.error is not None:
@@ -507,6 +585,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         state = load_checkpoint(d, model)
     if state["step"] != cfg.steps:
         raise RuntimeError(f"the latest checkpoint is at step {state['step']}, expected {cfg.steps}")
+    center_rows = fit_center(model, build_dataset(catalog_uri, processor, cfg), cfg.center_rows)
     with storage.staging(out_dir) as stage:
         version = save_model_dir(model, processor, stage)
         history = state["history"]
@@ -522,6 +601,8 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
             "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "time", "lr", "samples_per_s", "samples")}
             if history else {},
             "train_seconds_this_attempt": round(train_s, 1),
+            "start": start.to_dict() if start else {"name": "random", "seed": cfg.seed},
+            "embedding_center_rows": center_rows,
             "catalog": catalog_uri,
             "train_config": cfg.to_dict(),
         }

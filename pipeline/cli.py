@@ -14,9 +14,10 @@ import numpy as np
 from pipeline.index import IndexFilesError, RecallTooLowError
 from pipeline.sample_catalog import summarize_catalog, write_sample_catalog
 
-# item_model.config.VARIANTS, spelled out so that the CLI starts without importing transformers;
-# tests/test_train.py checks that the two agree
-MODEL_VARIANTS = ("item", "item_no_global", "title_only", "image_only", "two_stream")
+# item_model.config.VARIANTS and PRESETS, spelled out so that the CLI starts without importing
+# transformers; tests/test_train.py checks that they agree
+MODEL_VARIANTS = ("item", "item_no_global", "item_contrastive", "title_only", "image_only", "two_stream")
+MODEL_PRESETS = ("tiny", "small", "minilm", "base")
 IEC = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -80,8 +81,9 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @main.command(name="pretrain")
 @click.argument("catalog")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
-              help="Model size preset (item_model.config.PRESETS).")
+@click.option("--preset", type=click.Choice(MODEL_PRESETS), default=None,
+              help="Model size preset (item_model.config.PRESETS) [default: the start's (minilm for "
+                   "--init-from minilm), else small].")
 @click.option("--variant", type=click.Choice(MODEL_VARIANTS), default="item", show_default=True,
               help="Model variant (item_model.config.VARIANTS): the full ITEm model or one of the "
                    "baselines of EVALUATION.md, trained by the same loop.")
@@ -97,8 +99,12 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
               help="Linear warm-up steps before cosine decay [default: 10% of --steps].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Checkpoint (model, optimizer, scheduler, step) every N steps.")
-@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Local Hugging Face BERT dir: its vocab and weights initialise the text stream and encoder.")
+@click.option("--init-from", default=None,
+              help="Pretrained start: a named one (minilm: all-MiniLM-L6-v2, shipped by the minilm extra, "
+                   "hash-checked) or a local Hugging Face BERT dir with model.safetensors. Its vocab and "
+                   "weights initialise the text stream and the encoder.")
+@click.option("--fresh-lr-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --init-from: the image stream and heads (not in the start) learn at lr x this.")
 @click.option("--resume", is_flag=True, help="Continue the run kept beside OUT_DIR from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Discard a previous run and model dir at OUT_DIR and start again.")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=2, show_default=True,
@@ -107,8 +113,9 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.option("--title-column", default="title", show_default=True, help="Catalog column with the title.")
 @click.option("--image-column", default="image", show_default=True, help="Catalog column with encoded image bytes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, masking and image swaps.")
-def pretrain(catalog: str, out_dir: str, preset: str, variant: str, workers: int, gpu: bool, steps: int, batch_size: int,
-             lr: float, warmup_steps: int | None, checkpoint_every: int, init_from: str | None, resume: bool,
+def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, workers: int, gpu: bool, steps: int,
+             batch_size: int, lr: float, warmup_steps: int | None, checkpoint_every: int, init_from: str | None,
+             fresh_lr_scale: float, resume: bool,
              overwrite: bool, max_failures: int, id_column: str, title_column: str, image_column: str,
              seed: int) -> None:
     """Pretrain an ITEm model on CATALOG (Parquet file/dir, local or s3://) into the model dir OUT_DIR.
@@ -121,6 +128,8 @@ def pretrain(catalog: str, out_dir: str, preset: str, variant: str, workers: int
     Example:
 
         item-pipeline pretrain sample.parquet models/item-small --preset small --workers 2 --steps 2000
+
+        item-pipeline pretrain catalog/ models/item-minilm --init-from minilm --variant item_contrastive
     """
     import ray
     import ray.train
@@ -128,8 +137,12 @@ def pretrain(catalog: str, out_dir: str, preset: str, variant: str, workers: int
     from item_model.train import TrainConfig
     from item_model.train import pretrain as run_pretrain
 
+    from item_model.starts import NAMED_STARTS
+
+    named = NAMED_STARTS.get(init_from or "")
+    preset = preset or (named.preset if named else "small")
     cfg = TrainConfig(
-        preset=preset, variant=variant, steps=steps, batch_size=batch_size, lr=lr,
+        preset=preset, variant=variant, steps=steps, batch_size=batch_size, lr=lr, fresh_lr_scale=fresh_lr_scale,
         warmup_steps=warmup_steps if warmup_steps is not None else steps // 10,
         checkpoint_every=checkpoint_every, num_workers=workers, use_gpu=gpu, max_failures=max_failures,
         init_from=init_from, seed=seed, id_column=id_column, title_column=title_column, image_column=image_column,

@@ -356,14 +356,23 @@ def modality_movement(full: np.ndarray, title_blank: np.ndarray, image_blank: np
 
 
 def model_embedder(model_dir: str, batch_size: int = 64, device: str = "cpu") -> Embedder:
-    """An ITEm model dir as an embedder, through the public API only (load_model_dir, processor, encode).
-
-    Unusable images are embedded as missing (the processor's rule); the processor runs on the CPU,
-    encode on `device`. Uses every CPU core for torch.
-    """
+    """An ITEm model dir as an embedder, through the public API only (load_model_dir, processor, encode)."""
     from item_model import load_model_dir  # the pipeline side needs the model only when a model is evaluated
 
     model, processor = load_model_dir(model_dir, device)
+    return loaded_model_embedder(model, processor, batch_size, device)
+
+
+def start_embedder(start: str = "minilm", batch_size: int = 64) -> Embedder:
+    """The pretrained start used as it is on titles alone (item_model.starts.start_title_encoder)."""
+    from item_model.starts import start_title_encoder
+
+    return loaded_model_embedder(*start_title_encoder(start), batch_size)
+
+
+def loaded_model_embedder(model, processor, batch_size: int = 64, device: str = "cpu") -> Embedder:
+    """A loaded model and its processor as an embedder: the processor on the CPU, `model.encode` on
+    `device`; unusable images are embedded as missing (the processor's rule). Uses every CPU core."""
     torch.set_num_threads(os.cpu_count() or 1)
 
     def embed(titles: Sequence[str | None], images: Sequence[bytes | None]) -> np.ndarray:
@@ -474,6 +483,8 @@ def phash_embedder() -> Embedder:
 BASELINES: dict[str, Callable[[Sequence[str | None]], Embedder]] = {
     "tfidf": lambda titles: tfidf_embedder(titles),
     "phash": lambda titles: phash_embedder(),
+    # the pretrained text encoder ITEm starts from, untrained, on titles alone (needs the minilm extra)
+    "minilm": lambda titles: start_embedder("minilm"),
 }
 
 
@@ -558,6 +569,15 @@ def read_catalog(uri: str, options: EvalOptions, limit: int | None = None) -> pa
     columns = list(dict.fromkeys([options.title_col, options.image_col, options.group_col, options.label_col]))
     table = dataset.to_table(columns=columns)
     return table if limit is None else limit_rows(table, limit, options.group_col, options.seed)
+
+
+def group_split(table: pa.Table, holdout: float, group_col: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): a seeded split of about `holdout` of the rows with every group whole
+    on one side, so that no evaluated listing, nor a duplicate of it, is seen in pretraining."""
+    codes = _group_codes(table.column(group_col).to_pylist())
+    unique, inverse = np.unique(codes, return_inverse=True)
+    held = np.random.default_rng([seed, 7]).random(len(unique)) < holdout
+    return np.flatnonzero(~held[inverse]), np.flatnonzero(held[inverse])
 
 
 def limit_rows(table: pa.Table, n: int, group_col: str, seed: int) -> pa.Table:

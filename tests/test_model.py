@@ -47,7 +47,8 @@ def test_preset_shaped_forward_at_tiny_width(tokenizer, preset):
                         intermediate_size=64)
     model = ItemModel(cfg)
     batch = make_batch(tokenizer, cfg, n=4)
-    hidden, patches = model.forward_encoder(**batch)
+    hidden, mask, patches = model.forward_encoder(**batch)
+    assert mask.shape == (4, cfg.max_title_len + cfg.num_patches)
     assert hidden.shape == (4, cfg.max_title_len + cfg.num_patches, 32)
     assert patches.shape == (4, cfg.num_patches, cfg.patch_size**2 * 3)
     emb = model.encode(**batch)
@@ -124,7 +125,7 @@ def test_swapped_rows_are_masked_like_the_others_but_not_scored(tokenizer, monke
     monkeypatch.setattr(objectives, "swap_images", lambda has_image, has_title, p, g: (torch.arange(8).roll(1), swapped))
     seen = {}
     encoder, losses = model.forward_encoder, model.forward_losses
-    monkeypatch.setattr(model, "forward_encoder", lambda ids, mask, pix, has, pm: seen.update(ids=ids, pm=pm) or encoder(ids, mask, pix, has, pm))
+    monkeypatch.setattr(model, "forward_encoder", lambda ids, mask, pix, has, pm=None: seen.update(ids=ids, pm=pm) or encoder(ids, mask, pix, has, pm))
     monkeypatch.setattr(model, "forward_losses", lambda h, p, labels, pm, *a: seen.update(labels=labels, scored=pm) or losses(h, p, labels, pm, *a))
     model(**batch, generator=torch.Generator().manual_seed(0))
     assert seen["pm"][swapped].any(dim=1).all() and seen["pm"][~swapped].any(dim=1).all()
@@ -257,3 +258,107 @@ def test_single_modality_models_ignore_the_other_input(tokenizer, variant, ignor
 def test_objective_that_needs_a_missing_modality_is_refused(tokenizer):
     with pytest.raises(ValueError, match="use_itm=True needs"):
         preset_config("tiny", tokenizer, modalities="title")
+
+
+# --- issue 10: pooling, corpus centre, view consistency, and the training input of a row without title ---
+
+
+def test_a_row_trained_without_its_title_sees_the_inference_input_of_an_empty_title(tokenizer, monkeypatch):
+    """Modality dropout must turn a title into [CLS] [SEP] (what the processor makes of ""), not [CLS] alone."""
+    cfg = preset_config("tiny", tokenizer, modality_dropout=1.0, use_itm=False)
+    model = ItemModel(cfg).train()
+    batch = make_batch(tokenizer, cfg, n=32)
+    seen = {}
+    encoder = model.forward_encoder
+    monkeypatch.setattr(model, "forward_encoder", lambda ids, mask, pix, has, pm=None:
+                        seen.update(ids=ids, mask=mask, has=has) or encoder(ids, mask, pix, has, pm))
+    model(**batch, generator=torch.Generator().manual_seed(0))
+    no_title = seen["mask"].sum(dim=1) <= 2
+    assert no_title.any() and seen["has"][no_title].all()  # the image-only training rows
+    empty = ItemProcessor(tokenizer, cfg.image_size, cfg.max_title_len).tokenize([""])
+    t = seen["ids"].shape[1]
+    for row in no_title.nonzero().flatten():
+        assert seen["ids"][row].tolist() == empty["input_ids"][0, :t].tolist()
+        assert seen["mask"][row].tolist() == empty["attention_mask"][0, :t].tolist()
+
+
+def test_mean_pooling_averages_the_attended_states_only(tokenizer):
+    cfg = preset_config("tiny", tokenizer, pooling="mean")
+    model = ItemModel(cfg).eval()
+    batch = make_batch(tokenizer, cfg, n=4)
+    batch["has_image"][0] = False
+    hidden, mask, _ = model.forward_encoder(**batch)
+    expected = torch.stack([hidden[i][mask[i].bool()].mean(0) for i in range(4)])
+    torch.testing.assert_close(model.encode(**batch), torch.nn.functional.normalize(expected, dim=-1))
+    model.config.pooling = "cls"
+    torch.testing.assert_close(model.encode(**batch), torch.nn.functional.normalize(hidden[:, 0], dim=-1))
+
+
+def test_padding_columns_change_nothing(tokenizer):
+    """encode trims the title columns that are padding everywhere: the vectors are those of the full width."""
+    cfg = preset_config("tiny", tokenizer, pooling="mean")
+    model = ItemModel(cfg).eval()
+    batch = make_batch(tokenizer, cfg, n=4)
+    hidden, mask, _ = model.forward_encoder(**batch)
+    full_width = torch.nn.functional.normalize(model.pool(hidden, mask), dim=-1)
+    assert int(batch["attention_mask"].sum(1).max()) < cfg.max_title_len  # there is padding to trim
+    torch.testing.assert_close(model.encode(**batch), full_width, atol=1e-5, rtol=1e-5)
+
+
+def test_corpus_centre_spreads_collinear_vectors_and_is_saved(tokenizer, tmp_path):
+    cfg = preset_config("tiny", tokenizer)
+    model = ItemModel(cfg).eval()
+    batch = make_batch(tokenizer, cfg, n=32)
+
+    def mean_cos(e):
+        return float((e @ e.T)[~torch.eye(len(e), dtype=torch.bool)].mean())
+
+    before = model.encode(**batch)
+    assert mean_cos(before) > 0.9  # a random encoder's [CLS] vectors point one way
+    assert model.fit_embedding_center([batch]) == 32
+    after = model.encode(**batch)
+    assert mean_cos(after) < 0.1
+    torch.testing.assert_close(after.norm(dim=-1), torch.ones(32))
+    save_model_dir(model, ItemProcessor(tokenizer, cfg.image_size, cfg.max_title_len), str(tmp_path))
+    loaded, _ = load_model_dir(str(tmp_path))
+    torch.testing.assert_close(loaded.encode(**batch), after, rtol=0, atol=0)
+
+
+def test_view_consistency_is_a_switchable_objective_that_trains_the_image_stream(tokenizer):
+    cfg = preset_config("tiny", tokenizer, variant="item_contrastive")
+    model = ItemModel(cfg).train()
+    losses = model(**make_batch(tokenizer, cfg), generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {*OBJECTIVES, "view", "loss"} and torch.isfinite(losses["view"])
+    # the view term alone reaches the patch stem
+    cfg_view = preset_config("tiny", tokenizer, use_view_contrastive=True, **{f"use_{o}": False for o in OBJECTIVES})
+    model = ItemModel(cfg_view).train()
+    losses = model(**make_batch(tokenizer, cfg_view), generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {"view", "loss"}
+    losses["loss"].backward()
+    assert model.embeddings.patch_projection.weight.grad.abs().sum() > 0
+    assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_info_nce_prefers_matching_rows():
+    a = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    matched = objectives.info_nce(a, a, 0.05)
+    shuffled = objectives.info_nce(a, a.roll(1, dims=0), 0.05)
+    assert matched < 0.1 < shuffled
+
+
+def test_augmented_views_are_seeded_crops_of_the_photo():
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    first = objectives.augment_images(pixels, 0.5, torch.Generator().manual_seed(1))
+    again = objectives.augment_images(pixels, 0.5, torch.Generator().manual_seed(1))
+    other = objectives.augment_images(pixels, 0.5, torch.Generator().manual_seed(2))
+    assert first.shape == (4, 32, 32, 3) and first.min() >= 0 and first.max() <= 255
+    torch.testing.assert_close(first, again)
+    assert not torch.equal(first, other) and not torch.equal(first, pixels.float())
+
+
+def test_drop_tokens_keeps_cls_and_sep():
+    ids = torch.tensor([[101, 5, 6, 7, 102, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    out_ids, out_mask = objectives.drop_tokens(ids, mask, 1.0, (101, 102), 0)
+    assert out_ids.tolist() == [[101, 0, 0, 0, 102, 0]] and out_mask.tolist() == [[1, 0, 0, 0, 1, 0]]

@@ -108,3 +108,18 @@ def test_processor_round_trips(tmp_path):
     again = ItemProcessor.from_pretrained(str(tmp_path))
     assert (again.image_size, again.max_title_len) == (SIZE, 8)
     np.testing.assert_array_equal(again.tokenize(["red denim"])["input_ids"], proc.tokenize(["red denim"])["input_ids"])
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways (EXIF orientation 6: rotate 90 degrees clockwise) is decoded upright."""
+    upright = np.zeros((40, 20, 3), dtype=np.uint8)  # tall: 20 wide, 40 high
+    upright[:20] = (255, 0, 0)  # red on top
+    upright[20:] = (0, 0, 255)  # blue below
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 40 x 20
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif, quality=95)
+    pixels = decode_image(buf.getvalue(), 40).astype(int)
+    assert pixels[5, 20, 0] > 200 and pixels[5, 20, 2] < 60  # top is red
+    assert pixels[35, 20, 2] > 200 and pixels[35, 20, 0] < 60  # bottom is blue

