@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"Comma-separated variants to train and compare, of {', '.join(VARIANTS)}.")
     p.add_argument("--references", default=DEFAULTS["references"],
                    help="Untrained references evaluated beside them (pipeline.evaluate.BASELINES).")
+    p.add_argument("--same-weights", default="item,item_contrastive",
+                   help="Variants also evaluated with the other pooling and without their corpus centre.")
     p.add_argument("--holdout", type=float, default=DEFAULTS["holdout"],
                    help="Share of the catalog held out of pretraining, split by duplicate group; evaluation "
                         "runs on the held-out rows only.")
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Seeds model init, masking, the subsets and the queries.")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.same_weights = [v for v in args.same_weights.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -205,21 +208,21 @@ def spread_section(spread: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def same_weight_embedders(trained: dict[str, dict]) -> dict:
-    """Inference-time choices measured on the same weights: the other pooling of each single-stream
-    variant, and each variant without its fitted corpus centre."""
+def same_weight_embedders(trained: dict[str, dict], variants: list[str]) -> dict:
+    """Inference-time choices measured on the same weights, for each of `variants` that was trained: the
+    other pooling ([CLS] vs mean), and the vectors without the fitted corpus centre."""
     from item_model import load_model_dir
     from pipeline.evaluate import loaded_model_embedder
 
     out = {}
-    for variant, t in trained.items():
-        model, processor = load_model_dir(t["dir"])
-        if not hasattr(model, "embedding_center"):
+    for variant in [v for v in variants if v in trained]:
+        model, processor = load_model_dir(trained[variant]["dir"])
+        if not hasattr(model, "embedding_center"):  # the two-stream baseline has neither choice
             continue
         other = "mean" if model.config.pooling == "cls" else "cls"
         model.config.pooling = other
         out[f"{variant} ({other} pooling)"] = loaded_model_embedder(model, processor)
-        model, processor = load_model_dir(t["dir"])
+        model, processor = load_model_dir(trained[variant]["dir"])
         model.embedding_center.zero_()
         out[f"{variant} (no centring)"] = loaded_model_embedder(model, processor)
     return out
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     titles = table.column(options.title_col).to_pylist()
     images = table.column(options.image_col).to_pylist()
     embedders = {v: model_embedder(t["dir"], batch_size=64) for v, t in trained.items()}
-    embedders.update(same_weight_embedders(trained))
+    embedders.update(same_weight_embedders(trained, args.same_weights))
     embedders.update(baseline_embedders([r for r in args.references.split(",") if r], titles))
     results = evaluate(table, embedders, options)
     phases["evaluate"] = time.perf_counter() - t0

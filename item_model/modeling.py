@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEncoder
+from transformers.utils import logging as hf_logging
 
 from . import objectives
 from .config import ItemConfig
@@ -196,8 +197,13 @@ class ItemModel(PreTrainedModel):
         """
         from transformers import BertModel  # local import: only this path needs it
 
-        bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False,
-                                         use_safetensors=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the pooler we leave out: noise, not news
+        try:
+            bert = BertModel.from_pretrained(bert_dir, local_files_only=True, add_pooling_layer=False,
+                                             use_safetensors=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         b, c = bert.config, self.config
         fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
         bad = [f"{f}: preset {getattr(c, f)} vs {bert_dir} {getattr(b, f)}" for f in fields if getattr(c, f) != getattr(b, f)]
