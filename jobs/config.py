@@ -39,10 +39,12 @@ class IndexStage:
 
 @dataclass
 class DedupStage:
-    threshold: float = 0.95  # cosine similarity at or above which two listings are duplicates
-    # > 0: ignore `threshold` and pick the lowest one that reaches this precision on the catalog's labelled
-    # duplicate groups (column group_id), recorded in the dedup manifest
-    calibrate_precision: float = 0.0
+    # cosine similarity at or above which two listings are duplicates, where the threshold is not calibrated
+    threshold: float = 0.95
+    # > 0 and the catalog has labelled duplicate groups (columns.group_id): the threshold is the lowest one
+    # that reaches this pair precision on them, recorded in the dedup manifest with the clusters' precision
+    # and recall against the groups; 0: always `threshold`
+    calibrate_precision: float = 0.9
     k: int = 10  # neighbours examined per listing
     actors: int = 1  # search actors (each loads all shards once)
 

@@ -84,9 +84,9 @@ def _stage_dedup(config: NightlyConfig, index: str, embeddings: str, out: str) -
     from pipeline.dedup import read_groups, run_dedup
 
     d = config.dedup
-    if d.calibrate_precision > 0:
-        calibrate = (read_groups(config.catalog), d.calibrate_precision)
-        return run_dedup(index, embeddings, out, None, d.k, calibrate, num_actors=d.actors)
+    groups = read_groups(config.catalog, config.columns.group_id) if d.calibrate_precision > 0 else None
+    if groups is not None and groups.notna().any():  # labelled groups exist: calibrate on them
+        return run_dedup(index, embeddings, out, None, d.k, (groups, d.calibrate_precision), num_actors=d.actors)
     return run_dedup(index, embeddings, out, d.threshold, d.k, num_actors=d.actors)
 
 
@@ -158,8 +158,9 @@ def build_report(run_date: dt.date, root: str, previous: str | None, manifests: 
         "index": {"recall_at_10": idx.get("recall_at_10"), "shards": len(idx.get("shards", [])),
                   "spec": idx.get("spec"), "vectors": idx.get("n_vectors")},
         "dedup": {"threshold": dup["threshold"], "calibration": dup.get("calibration"), "pairs": dup["n_pairs"], "clusters": dup["n_clusters"],
-                  "cluster_size_histogram": dup["cluster_size_histogram"]},
-        "backfill": {k: bf.get(k) for k in ("n_unlabelled", "n_filled", "n_unfilled", "n_no_embedding", "fill_accuracy")},
+                  "cluster_size_histogram": dup["cluster_size_histogram"], "cluster_quality": dup.get("cluster_quality")},
+        "backfill": {**{k: bf.get(k) for k in ("n_unlabelled", "n_filled", "n_unfilled", "n_no_embedding", "fill_accuracy")},
+                     "leave_one_out_accuracy": bf.get("leave_one_out", {}).get("accuracy")},
         "stage_seconds": timings,
         "stages_resumed": resumed,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -184,8 +185,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- duplicates at cosine >= {d['threshold']:.4f}"
         + (f" (calibrated to precision {d['calibration']['precision']:.3f} on labelled groups)" if d.get("calibration") else "")
         + f": {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})",
+        *([f"- clusters vs labelled groups: pairwise precision {q['pair_precision']:.3f}, recall {q['pair_recall']:.3f} "
+           f"({q['predicted_pairs']} pairs in clusters, {q['true_pairs']} same-group pairs)"]
+          if (q := d.get("cluster_quality")) else []),
         f"- backfill: {b['n_filled']} filled, {b['n_unfilled']} left unfilled of {b['n_unlabelled']} uncategorised rows"
-        + (f"; accuracy vs ground truth {b['fill_accuracy']}" if b.get("fill_accuracy") is not None else ""),
+        + (f"; accuracy of the fills vs held-back labels {b['fill_accuracy']:.3f}" if b.get("fill_accuracy") is not None else "")
+        + (f"; leave-one-out accuracy on labelled rows {b['leave_one_out_accuracy']:.3f}"
+           if b.get("leave_one_out_accuracy") is not None else ""),
         f"- stage times: {times}; resumed (already published): {', '.join(report['stages_resumed']) or 'none'}",
         "",
     ])

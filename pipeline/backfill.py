@@ -26,16 +26,17 @@ OUT_SCHEMA = pa.schema(
 )
 
 
-def read_catalog_labels(catalog_uri: str, category_col: str = "category") -> pd.DataFrame:
-    """item_id (str), category (null = unknown) and, where present, group_id / true_category of a catalog."""
+def read_catalog_labels(catalog_uri: str, category_col: str = "category", group_col: str = "group_id") -> pd.DataFrame:
+    """item_id (str), category (null = unknown) and, where present, group_id (from `group_col`) and
+    true_category of a catalog."""
     fs, _ = storage.get_fs(catalog_uri)
     files = storage.parquet_files(catalog_uri)
     schema = pq.read_schema(files[0], filesystem=fs)
     missing = [c for c in ("item_id", category_col) if c not in schema.names]
     if missing:
         raise ValueError(f"catalog {catalog_uri} has no column {missing[0]!r}; name the category column with --category-col")
-    cols = ["item_id", category_col] + [c for c in ("group_id", "true_category") if c in schema.names]
-    frame = pq.read_table(files, filesystem=fs, columns=cols).to_pandas()
+    cols = ["item_id", category_col] + [c for c in (group_col, "true_category") if c in schema.names]
+    frame = pq.read_table(files, filesystem=fs, columns=cols).to_pandas().rename(columns={group_col: "group_id"})
     # rows the embed stage rejects for their id: a null id, and every repeat of an id after its first
     # occurrence (files in sorted order, then row order: the embed stage's rule)
     frame = frame[frame["item_id"].notna()].astype({"item_id": str}).drop_duplicates("item_id", keep="first")

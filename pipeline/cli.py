@@ -312,7 +312,11 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
         raise click.UsageError("--calibrate-precision and --catalog go together")
     _init_ray()
     try:
-        calibrate = (read_groups(catalog), calibrate_precision) if catalog else None
+        groups = read_groups(catalog) if catalog else None
+        if catalog and groups is None:
+            raise ValueError(f"catalog {catalog} has no group_id column to calibrate the threshold on; "
+                             "give --threshold instead")
+        calibrate = (groups, calibrate_precision) if catalog else None
         manifest = run_dedup(index, embeddings, out, threshold, k, calibrate, actors, threads_per_actor, overwrite)
     except USER_ERRORS as e:
         raise _fail(e) from e

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -146,6 +147,26 @@ def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: flo
     return float(scores[i]), float(prec[i]), int(i + 1)
 
 
+def cluster_quality(clusters: pd.DataFrame, group_of: pd.Series, item_ids: Iterable[str]) -> dict[str, float | int]:
+    """Pairwise precision and recall of the clusters against labelled groups, over `item_ids` (the items
+    that were embedded): precision = share of the pairs inside a cluster whose two items share a group;
+    recall = share of the same-group pairs that fall inside one cluster. Items without a group are
+    singletons in the truth."""
+    items = pd.Index(pd.unique(np.asarray(list(item_ids), dtype=object)))
+    group = group_of.reindex(items).to_numpy(dtype=object)
+    cluster = clusters.set_index("item_id")["cluster_id"].reindex(items).to_numpy(dtype=object)
+    cluster = np.where(pd.isna(cluster), items.to_numpy(dtype=object), cluster)  # unclustered = alone
+    truth = np.where(pd.isna(group), "\0" + items.to_numpy(dtype=object), group)
+
+    def pairs_within(*keys: np.ndarray) -> int:
+        sizes = pd.DataFrame({str(i): k for i, k in enumerate(keys)}).value_counts().to_numpy()
+        return int((sizes * (sizes - 1) // 2).sum())
+
+    predicted, true, both = pairs_within(cluster), pairs_within(truth), pairs_within(cluster, truth)
+    return {"pair_precision": both / predicted if predicted else float("nan"),
+            "pair_recall": both / true if true else float("nan"), "predicted_pairs": predicted, "true_pairs": true}
+
+
 def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, info: dict, overwrite: bool = False) -> dict:
     """Publish pairs and clusters as one directory (layout in the module docstring); returns the manifest."""
     storage.check_can_publish(out_uri, overwrite)
@@ -171,13 +192,14 @@ def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, 
     return manifest
 
 
-def read_groups(catalog_uri: str) -> pd.Series:
-    """item_id -> group_id (None where unknown) of a labelled catalog, for threshold calibration."""
+def read_groups(catalog_uri: str, group_col: str = "group_id") -> pd.Series | None:
+    """item_id -> group id (None where unknown) of a labelled catalog, for threshold calibration and
+    cluster quality; None when the catalog has no `group_col` column."""
     from pipeline.backfill import read_catalog_labels
 
-    frame = read_catalog_labels(catalog_uri)
+    frame = read_catalog_labels(catalog_uri, group_col=group_col)
     if "group_id" not in frame.columns:
-        raise ValueError(f"catalog {catalog_uri} has no group_id column to calibrate the threshold on")
+        return None
     groups = frame.set_index("item_id")["group_id"]
     return groups.astype(object).where(groups.notna(), None)
 
@@ -211,6 +233,11 @@ def run_dedup(
         group_of, precision = calibrate
         threshold, reached, kept = calibrate_threshold(pairs, group_of, precision)
         info["calibration"] = {"target_precision": precision, "precision": reached, "pairs": kept}
+    # with calibration every candidate pair is kept, so every embedded item is in one (k >= 1)
+    embedded = pd.unique(pairs[["item_id", "dup_item_id"]].to_numpy().ravel()) if calibrate is not None else None
     pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
+    clusters = cluster_pairs(pairs)
+    if calibrate is not None:  # how the clusters match the labelled groups
+        info["cluster_quality"] = cluster_quality(clusters, calibrate[0], embedded)
     info["search_s"] = round(time.perf_counter() - start, 3)
-    return write_duplicates(out_uri, pairs, cluster_pairs(pairs), {**info, "threshold": threshold}, overwrite)
+    return write_duplicates(out_uri, pairs, clusters, {**info, "threshold": threshold}, overwrite)
