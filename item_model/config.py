@@ -72,6 +72,8 @@ class ItemConfig(BertConfig):
     contrastive_temperature: float = 0.05  # InfoNCE temperature (our choice; CLIP learns it, we fix it)
     view_token_drop: float = 0.2  # share of title words dropped in the title-only view
     view_crop_scale_min: float = 0.5  # image-only view: random resized crop keeping >= this share of the area
+    view_zoom_out_max: float = 0.25  # image-only view: or zoomed out to as little as 1 - this of the side
+    view_rotation_max_deg: float = 10.0  # image-only view: rotated by up to this many degrees
     # dropout off by default: the objectives' masking already regularises, and short CPU runs learn faster
     hidden_dropout_prob: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
@@ -120,8 +122,9 @@ _OFF = dict(use_itm=False, use_mlm=False, use_mim=False, use_global_mlm=False, u
 VARIANTS: dict[str, dict] = {
     "item": {},  # all five objectives
     "item_no_global": dict(use_global_mlm=False, use_global_mim=False),  # ViLT-style: the paper's ablation
-    # the five objectives plus view consistency (ours), pooled by mean: see docs/evaluation.md
-    "item_contrastive": dict(use_view_contrastive=True, pooling="mean"),
+    # the five objectives plus view consistency (ours) on the [CLS] vector, with a quarter of the rows
+    # ITM-swapped instead of half (swapped rows cannot anchor the view term): see docs/evaluation.md
+    "item_contrastive": dict(use_view_contrastive=True, itm_swap_probability=0.25),
     "title_only": dict(modalities="title", use_itm=False, use_mim=False, use_global_mim=False),
     "image_only": dict(modalities="image", use_itm=False, use_mlm=False, use_global_mlm=False),
     # separate title and image encoders of half the depth each, trained contrastively

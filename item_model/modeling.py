@@ -368,7 +368,7 @@ class ItemModel(PreTrainedModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """View consistency: in-batch InfoNCE of each anchor against an image-only view of its row (a
-        randomly cropped, flipped, colour-jittered photo) and a title-only view (words dropped).
+        randomly re-framed, rotated, flipped, colour-jittered photo) and a title-only view (words dropped).
 
         The image-only pass is [CLS] [SEP] + patches and the title-only pass has no patches, as the
         processor makes such rows at inference, so they cost 2+N and T positions, not T+N each.
@@ -379,7 +379,8 @@ class ItemModel(PreTrainedModel):
         image_rows = anchor_ok & has_image
         if image_rows.sum() >= 2:
             ids, mask = empty_titles(c, input_ids, t=2)
-            pixels = objectives.augment_images(pixel_values[image_rows], c.view_crop_scale_min, generator)
+            pixels = objectives.augment_images(pixel_values[image_rows], c.view_crop_scale_min, generator,
+                                               c.view_zoom_out_max, c.view_rotation_max_deg)
             hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
                                                           has_image[image_rows])
             views = F.normalize(self.pool(hidden, stream_mask).float(), dim=-1)

@@ -129,14 +129,19 @@ def augment_images(
     pixel_values: torch.Tensor,  # [B, S, S, 3] uint8
     crop_scale_min: float,
     generator: torch.Generator | None = None,
+    zoom_out_max: float = 0.0,
+    rotation_max_deg: float = 0.0,
 ) -> torch.Tensor:
-    """A photo view for training, in batch on the device: random resized crop (area share in
-    [crop_scale_min, 1], aspect 3/4..4/3), horizontal flip, brightness and contrast x U(0.8, 1.2).
+    """A photo view for training, in batch on the device: a random re-framing (a resized crop keeping an
+    area share in [crop_scale_min, 1] or, with `zoom_out_max`, a zoom-out to as little as 1 - zoom_out_max
+    of the side on a random light background; aspect 3/4..4/3; a rotation up to `rotation_max_deg`; the
+    subject anywhere in the frame), a horizontal flip, and brightness and contrast x U(0.8, 1.2).
     Returns float [B, S, S, 3] in 0..255 (the model's patchify takes either).
 
-    Deliberately not the evaluation's re-listing generator (pipeline/perturb.py: rotation, new
-    background and padding, JPEG re-encoding, its own crop range): a model trained on the test's own
-    perturbations would prove nothing about real sellers.
+    Generic augmentations (SimCLR's crop, flip and colour jitter; torchvision's RandomAffine), drawn in
+    torch: deliberately not the evaluation's re-listing generator (pipeline/perturb.py: PIL, its own
+    padding, rotation and crop ranges, title edits, JPEG re-encoding, which training never applies), so
+    that re-listing recall measures what a model learned, not the test's own perturbations.
     """
     b, s, _, _ = pixel_values.shape
     device = pixel_values.device
@@ -144,17 +149,23 @@ def augment_images(
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(b, generator=generator, device=device)
 
-    area = uniform(crop_scale_min, 1.0)
+    # side of the sampled window relative to the image: < 1 crops in, > 1 zooms out (background shows)
+    area = uniform(crop_scale_min, 1.0 / (1.0 - zoom_out_max) ** 2)
     log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
-    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
-    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    tx, ty = (1 - sx) * uniform(-1.0, 1.0), (1 - sy) * uniform(-1.0, 1.0)  # crop centre, inside the image
+    sx, sy = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()
+    tx, ty = (1 - sx).abs() * uniform(-1.0, 1.0), (1 - sy).abs() * uniform(-1.0, 1.0)  # window position
+    angle = uniform(-1.0, 1.0) * math.radians(rotation_max_deg)
     flip = torch.where(torch.rand(b, generator=generator, device=device) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=device)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([sx * cos * flip, -sy * sin, tx], dim=1),
+                         torch.stack([sx * sin * flip, sy * cos, ty], dim=1)], dim=1)  # [B, 2, 3]
     x = pixel_values.permute(0, 3, 1, 2).float()  # [B, 3, S, S]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)  # [B, 1, S, S]: 1 where the photo is, 0 on the background
+    background = uniform(200.0, 255.0)[:, None, None, None]  # catalog photos are shot on light backgrounds
+    x = x + (1 - inside) * background
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * uniform(0.8, 1.2)[:, None, None, None] + mean  # contrast
     x = x * uniform(0.8, 1.2)[:, None, None, None]  # brightness

@@ -47,6 +47,9 @@ class DedupStage:
     calibrate_precision: float = 0.9
     k: int = 10  # neighbours examined per listing
     actors: int = 1  # search actors (each loads all shards once)
+    # sanity gate: the stage fails, publishing nothing, when one cluster holds more than this share of the
+    # listings (what a collapsed model or a far too low threshold produces)
+    max_cluster_share: float = 0.05
 
 
 @dataclass
@@ -110,6 +113,7 @@ def parse_config(data: dict[str, Any]) -> NightlyConfig:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in [("index.min_recall", config.index.min_recall), ("dedup.threshold", config.dedup.threshold),
                        ("dedup.calibrate_precision", config.dedup.calibrate_precision),
+                       ("dedup.max_cluster_share", config.dedup.max_cluster_share),
                        ("backfill.min_confidence", config.backfill.min_confidence)]:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be between 0 and 1, got {value}")

@@ -6,7 +6,8 @@
     OUTPUT_ROOT/dt=YYYY-MM-DD/backfill/     predicted categories
     OUTPUT_ROOT/dt=YYYY-MM-DD/report.json   written last: the run is done
     OUTPUT_ROOT/dt=YYYY-MM-DD/report.md
-    OUTPUT_ROOT/latest.json                 moved only after a whole run succeeded
+    OUTPUT_ROOT/latest.json                 the newest finished run date: moved forward only, after a whole
+                                            run succeeded (and repaired if a crash kept it from moving)
 
 Every stage publishes atomically with its manifest, so a run is resumable at stage granularity: a
 re-run skips the stages already published and starts at the first one that is not (a killed stage
@@ -47,6 +48,30 @@ def run_dir(config: NightlyConfig, run_date: dt.date) -> str:
     return storage.join(config.output_root, f"dt={run_date.isoformat()}")
 
 
+def advance_latest(config: NightlyConfig) -> dict[str, str] | None:
+    """Point latest.json at the newest run date that finished (its report.json exists), never backwards.
+
+    Called before and after every run: a re-run of an older date leaves the pointer where it is, and a
+    pointer that a crash left behind (report written, pointer not yet moved) is repaired before the next
+    run reads it as its incremental base. Returns the pointer (None: no run has finished yet).
+    """
+    fs, root = storage.get_fs(config.output_root)
+    latest_uri = storage.join(config.output_root, LATEST)
+    current = storage.read_json(latest_uri) if storage.exists(latest_uri) else None
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
+    for day in sorted((n[len("dt="):] for n in names if n.startswith("dt=")), reverse=True):
+        if current is not None and day <= current["run_date"]:
+            break  # nothing newer than the pointer has finished
+        run = storage.join(config.output_root, f"dt={day}")
+        if storage.exists(storage.join(run, REPORT)):
+            if current is not None:
+                log.warning("latest.json named %s; run %s finished after it: pointer moved forward", current["run_date"], day)
+            current = {"run_date": day, "run_dir": run}
+            storage.write_json(latest_uri, current)
+            break
+    return current
+
+
 def previous_embeddings(config: NightlyConfig, run_date: dt.date) -> str | None:
     """The embedding table of the last successful run before `run_date` (from latest.json), if any."""
     latest = storage.join(config.output_root, LATEST)
@@ -84,17 +109,18 @@ def _stage_dedup(config: NightlyConfig, index: str, embeddings: str, out: str) -
     from pipeline.dedup import read_groups, run_dedup
 
     d = config.dedup
-    groups = read_groups(config.catalog, config.columns.group_id) if d.calibrate_precision > 0 else None
-    if groups is not None and groups.notna().any():  # labelled groups exist: calibrate on them
-        return run_dedup(index, embeddings, out, None, d.k, (groups, d.calibrate_precision), num_actors=d.actors)
-    return run_dedup(index, embeddings, out, d.threshold, d.k, num_actors=d.actors)
+    groups = read_groups(config.catalog, config.columns) if d.calibrate_precision > 0 else None
+    calibrate = (groups, d.calibrate_precision) if groups is not None and groups.notna().any() else None
+    return run_dedup(index, embeddings, out, None if calibrate else d.threshold, d.k, calibrate,
+                     num_actors=d.actors, max_cluster_share=d.max_cluster_share)
 
 
 def _stage_backfill(config: NightlyConfig, index: str, embeddings: str, out: str) -> dict:
     from pipeline import backfill as bf
+    from pipeline.catalog import read_labels
 
     b = config.backfill
-    labels = bf.read_catalog_labels(config.catalog, config.columns.category)
+    labels = read_labels(config.catalog, config.columns)
     rows, report = bf.backfill_categories(index, embeddings, labels, b.k, b.min_confidence)
     return bf.write_backfill(out, rows, report, plot=True)
 
@@ -111,6 +137,7 @@ def run_nightly(config: NightlyConfig, run_date: dt.date) -> dict[str, Any]:
         return {**storage.read_json(storage.join(root, REPORT)), "already_complete": True}
 
     out = {stage: storage.join(root, stage) for stage in STAGES}
+    advance_latest(config)  # repair a pointer a crash left behind before reading it
     previous = previous_embeddings(config, run_date)
     steps: dict[str, Callable[[], dict]] = {
         "embeddings": lambda: _stage_embed(config, run_date, out["embeddings"], previous),
@@ -137,7 +164,7 @@ def run_nightly(config: NightlyConfig, run_date: dt.date) -> dict[str, Any]:
     report = build_report(run_date, root, previous, manifests, timings, resumed)
     _write_text(storage.join(root, "report.md"), report_markdown(report))
     storage.write_json(storage.join(root, REPORT), report)  # the run's commit point
-    storage.write_json(storage.join(config.output_root, LATEST), {"run_date": run_date.isoformat(), "run_dir": root})
+    advance_latest(config)  # forward only: a re-run of an older date leaves it where it is
     return report
 
 

@@ -1,6 +1,6 @@
 """Category backfill: a similarity-weighted vote of labelled neighbours for rows whose category is null.
 
-Output: a published directory `OUT/part-00000.parquet` with {item_id, predicted_category, confidence,
+Output: a published directory `OUT/part-00000-<token>.parquet` with {item_id, predicted_category, confidence,
 n_neighbors} for every catalog row whose category was null and that has an embedding;
 predicted_category is null where confidence < min_confidence (left unfilled and counted, not guessed).
 """
@@ -24,23 +24,6 @@ CURVE_THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 OUT_SCHEMA = pa.schema(
     [("item_id", pa.string()), ("predicted_category", pa.string()), ("confidence", pa.float32()), ("n_neighbors", pa.int32())]
 )
-
-
-def read_catalog_labels(catalog_uri: str, category_col: str = "category", group_col: str = "group_id") -> pd.DataFrame:
-    """item_id (str), category (null = unknown) and, where present, group_id (from `group_col`) and
-    true_category of a catalog."""
-    fs, _ = storage.get_fs(catalog_uri)
-    files = storage.parquet_files(catalog_uri)
-    schema = pq.read_schema(files[0], filesystem=fs)
-    missing = [c for c in ("item_id", category_col) if c not in schema.names]
-    if missing:
-        raise ValueError(f"catalog {catalog_uri} has no column {missing[0]!r}; name the category column with --category-col")
-    cols = ["item_id", category_col] + [c for c in (group_col, "true_category") if c in schema.names]
-    frame = pq.read_table(files, filesystem=fs, columns=cols).to_pandas().rename(columns={group_col: "group_id"})
-    # rows the embed stage rejects for their id: a null id, and every repeat of an id after its first
-    # occurrence (files in sorted order, then row order: the embed stage's rule)
-    frame = frame[frame["item_id"].notna()].astype({"item_id": str}).drop_duplicates("item_id", keep="first")
-    return frame.rename(columns={category_col: "category"})
 
 
 def vote(neighbour_labels: np.ndarray, scores: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,7 +174,7 @@ def write_backfill(out_uri: str, rows: pd.DataFrame, report: dict, overwrite: bo
     storage.check_can_publish(out_uri, overwrite)
     manifest = {**report, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with storage.staging(out_uri) as stage:
-        fs, path = storage.get_fs(storage.join(stage, "part-00000.parquet"))
+        fs, path = storage.get_fs(storage.join(stage, storage.part_name(stage, "part-00000.parquet")))
         with fs.open(path, "wb") as f:
             pq.write_table(pa.Table.from_pandas(rows, schema=OUT_SCHEMA, preserve_index=False), f)
         if plot and "leave_one_out" in report:

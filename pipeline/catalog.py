@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,6 +16,9 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from . import storage
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class CatalogSchemaError(ValueError):
@@ -136,6 +139,30 @@ def id_as_string(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return ids if _is_string(ids.type) else pc.cast(ids, pa.string())
 
 
+def read_labels(uri: str, columns: ColumnMap) -> "pd.DataFrame":
+    """The label columns of a catalog, one row per item the embed stage keeps: `item_id` (the same string
+    form as in every output), `category` (null = unknown) and, where the catalog has them, `group_id` and
+    `true_category`. Columns are found through `columns`; the id rule is the embed stage's: a null id and
+    every repeat of an id after its first occurrence (sorted files, then row order) are dropped.
+
+    Ids are cast to strings in Arrow, before pandas: an integer column with a null would otherwise
+    become float and read '101.0' where the embedding table says '101'.
+    """
+    dataset = open_dataset(uri)
+    have = dataset.schema.names
+    for role in ("item_id", "category"):
+        if getattr(columns, role) not in have:
+            raise CatalogSchemaError(f"column {getattr(columns, role)!r} ({role}) is missing; the catalog has "
+                                     f"{have}; map yours with --column-map {role}=NAME")
+    wanted = {"item_id": columns.item_id, "category": columns.category, "group_id": columns.group_id,
+              "true_category": "true_category"}
+    present = {role: name for role, name in wanted.items() if name in have}
+    table = dataset.to_table(columns=list(present.values()))
+    frame = pa.table({role: id_as_string(table.column(name)) if role in ("item_id", "group_id") else table.column(name)
+                      for role, name in present.items()}).to_pandas()
+    return frame[frame["item_id"].notna()].drop_duplicates("item_id", keep="first").reset_index(drop=True)
+
+
 def duplicate_ids(uri: str, columns: ColumnMap) -> tuple[set[str], int]:
     """The cheap global pass: read only the id column; return (ids that occur more than once, rows)."""
     table = open_dataset(uri).to_table(columns=[columns.item_id])
@@ -160,5 +187,3 @@ def content_hash(title: str | None, image: bytes | None) -> str:
     return h.hexdigest()
 
 
-def content_hashes(titles: Iterable[str | None], images: Iterable[bytes | None]) -> list[str]:
-    return [content_hash(t, i) for t, i in zip(titles, images)]

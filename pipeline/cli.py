@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -295,16 +296,21 @@ def search(index, item_id, vector_file, title, image_path, k, as_json):
 @click.option("--threshold", type=float, help="Minimum cosine similarity of a duplicate pair (required unless --calibrate-precision).")
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours searched per item.")
 @click.option("--catalog", help="Catalog with group_id labels, for --calibrate-precision.")
+@click.option("--column-map", default=None, help="Catalog column names, e.g. id=sku,group=product (keys as for embed).")
 @click.option("--calibrate-precision", type=click.FloatRange(0, 1), help="Choose the threshold that reaches this precision on the catalog's labelled groups.")
 @click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True, help="Ray Data search actors; each loads the whole index.")
 @click.option("--threads-per-actor", type=click.IntRange(min=1), help="FAISS threads per actor (default: FAISS's own, all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
-def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, actors, threads_per_actor, overwrite):
+@click.option("--max-cluster-share", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+              help="Fail, publishing nothing, when one duplicate cluster holds more than this share of the listings.")
+def dedup(index, embeddings, out, threshold, k, catalog, column_map, calibrate_precision, actors, threads_per_actor,
+          overwrite, max_cluster_share):
     """Find duplicate pairs and clusters among all items of EMBEDDINGS; write them to OUT.
 
     Example: item-pipeline dedup runs/index runs/emb runs/dups --threshold 0.97
     """
-    from pipeline.dedup import read_groups, run_dedup
+    from pipeline.catalog import ColumnMap
+    from pipeline.dedup import DedupSanityError, read_groups, run_dedup
 
     if threshold is None and calibrate_precision is None:
         raise click.UsageError("give --threshold, or --calibrate-precision with --catalog")
@@ -312,13 +318,14 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
         raise click.UsageError("--calibrate-precision and --catalog go together")
     _init_ray()
     try:
-        groups = read_groups(catalog) if catalog else None
+        groups = read_groups(catalog, ColumnMap.parse(column_map)) if catalog else None
         if catalog and groups is None:
             raise ValueError(f"catalog {catalog} has no group_id column to calibrate the threshold on; "
                              "give --threshold instead")
         calibrate = (groups, calibrate_precision) if catalog else None
-        manifest = run_dedup(index, embeddings, out, threshold, k, calibrate, actors, threads_per_actor, overwrite)
-    except USER_ERRORS as e:
+        manifest = run_dedup(index, embeddings, out, threshold, k, calibrate, actors, threads_per_actor, overwrite,
+                             max_cluster_share)
+    except (*USER_ERRORS, DedupSanityError) as e:
         raise _fail(e) from e
     if "calibration" in manifest:
         cal = manifest["calibration"]
@@ -334,21 +341,28 @@ def dedup(index, embeddings, out, threshold, k, catalog, calibrate_precision, ac
 @click.argument("out")
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours that vote.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Leave a row unfilled when the winning category's share of the vote is under this.")
-@click.option("--category-col", default="category", show_default=True, help="Catalog column holding the category (null = unknown).")
+@click.option("--category-col", default=None, help="Catalog column holding the category (null = unknown) [default: category].")
+@click.option("--column-map", default=None,
+              help="Catalog column names, e.g. id=sku,category=cat,group=product (keys as for embed).")
 @click.option("--eval-sample", type=click.IntRange(min=0), default=20_000, show_default=True, help="Labelled items in the leave-one-out evaluation (0: skip).")
 @click.option("--plot", is_flag=True, help="Also write OUT/precision_coverage.png.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
-def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, category_col, eval_sample, plot, overwrite):
+def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, category_col, column_map, eval_sample,
+                            plot, overwrite):
     """Predict the category of CATALOG rows whose category is null from their labelled neighbours.
 
     Example: item-pipeline backfill-categories runs/index runs/emb catalog.parquet runs/backfill --min-confidence 0.7 --plot
     """
     from pipeline import backfill as bf
     from pipeline import storage
+    from pipeline.catalog import ColumnMap, read_labels
 
     try:
         storage.check_can_publish(out, overwrite)
-        labels = bf.read_catalog_labels(catalog, category_col)
+        columns = ColumnMap.parse(column_map)
+        if category_col:
+            columns = dataclasses.replace(columns, category=category_col)
+        labels = read_labels(catalog, columns)
         rows, report = bf.backfill_categories(index, embeddings, labels, k, min_confidence, eval_sample)
         bf.write_backfill(out, rows, report, overwrite=overwrite, plot=plot)
     except USER_ERRORS as e:

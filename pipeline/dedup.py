@@ -2,8 +2,8 @@
 
 Output: one published directory (pairs and clusters always come from the same run):
 
-    OUT/duplicate_pairs/part-00000.parquet      {item_id, dup_item_id, score}, item_id < dup_item_id
-    OUT/duplicate_clusters/part-00000.parquet   {item_id, cluster_id}: connected components of the pairs;
+    OUT/duplicate_pairs/part-00000-<token>.parquet      {item_id, dup_item_id, score}, item_id < dup_item_id
+    OUT/duplicate_clusters/part-00000-<token>.parquet   {item_id, cluster_id}: connected components of the pairs;
                                                 cluster_id = the smallest item_id in the cluster
     OUT/_manifest.json                          threshold, k, counts, cluster-size histogram, timings
 """
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
+from pipeline.catalog import ColumnMap, read_labels
 from pipeline.index import ShardedIndex
 
 PAIRS_SCHEMA = pa.schema([("item_id", pa.string()), ("dup_item_id", pa.string()), ("score", pa.float32())])
@@ -147,6 +148,18 @@ def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: flo
     return float(scores[i]), float(prec[i]), int(i + 1)
 
 
+def check_cluster_share(clusters: pd.DataFrame, embeddings_manifest: dict, threshold: float, max_share: float) -> None:
+    """Raise DedupSanityError when the largest cluster holds more than `max_share` of the table's items."""
+    n_items = embeddings_manifest["embedded"] + embeddings_manifest["unchanged_skipped"]
+    largest = int(clusters.groupby("cluster_id").size().max()) if len(clusters) else 0
+    if n_items and largest > max_share * n_items:
+        raise DedupSanityError(
+            f"the largest duplicate cluster holds {largest} of {n_items} listings ({largest / n_items:.1%}) at "
+            f"cosine >= {threshold:.4f}, over the {max_share:.0%} limit: the embeddings are near-collinear (an "
+            "undertrained or collapsed model) or the threshold is far too low. Nothing was published. Check the "
+            "model (docs/evaluation.md), raise the threshold, or raise max_cluster_share if such clusters are real.")
+
+
 def cluster_quality(clusters: pd.DataFrame, group_of: pd.Series, item_ids: Iterable[str]) -> dict[str, float | int]:
     """Pairwise precision and recall of the clusters against labelled groups, over `item_ids` (the items
     that were embedded): precision = share of the pairs inside a cluster whose two items share a group;
@@ -184,7 +197,7 @@ def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, 
             ("duplicate_pairs", pairs, PAIRS_SCHEMA),
             ("duplicate_clusters", clusters, pa.schema([("item_id", pa.string()), ("cluster_id", pa.string())])),
         ):
-            fs, path = storage.get_fs(storage.join(stage, name, "part-00000.parquet"))
+            fs, path = storage.get_fs(storage.join(stage, name, storage.part_name(stage, "part-00000.parquet")))
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(path, "wb") as f:
                 pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), f)
@@ -192,16 +205,19 @@ def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, 
     return manifest
 
 
-def read_groups(catalog_uri: str, group_col: str = "group_id") -> pd.Series | None:
+def read_groups(catalog_uri: str, columns: ColumnMap | None = None) -> pd.Series | None:
     """item_id -> group id (None where unknown) of a labelled catalog, for threshold calibration and
-    cluster quality; None when the catalog has no `group_col` column."""
-    from pipeline.backfill import read_catalog_labels
-
-    frame = read_catalog_labels(catalog_uri, group_col=group_col)
+    cluster quality (pipeline.catalog.read_labels: the embed stage's id rule); None when the catalog has
+    no group column."""
+    frame = read_labels(catalog_uri, columns or ColumnMap())
     if "group_id" not in frame.columns:
         return None
     groups = frame.set_index("item_id")["group_id"]
     return groups.astype(object).where(groups.notna(), None)
+
+
+class DedupSanityError(RuntimeError):
+    """The duplicates look wrong (one cluster holds a large share of the catalog): nothing was published."""
 
 
 def run_dedup(
@@ -214,12 +230,15 @@ def run_dedup(
     num_actors: int = 1,
     threads_per_actor: int | None = None,
     overwrite: bool = False,
+    max_cluster_share: float = 0.05,
 ) -> dict:
     """The dedup job: all-items k-NN, pairs at or above the threshold, clusters, published at `out_uri`.
 
     With `calibrate=(group_of, precision)` the threshold is the lowest that reaches `precision` on the
     labelled groups (item_id -> group_id), and the calibration is recorded in the manifest.
-    Needs Ray initialised by the caller.
+    A sanity gate like the index's recall gate: when the largest cluster holds more than
+    `max_cluster_share` of the embedded items (collapsed embeddings, or a threshold far too low), it
+    raises DedupSanityError and publishes nothing. Needs Ray initialised by the caller.
     """
     if (threshold is None) == (calibrate is None):
         raise ValueError("give a threshold, or a calibration (labelled groups and a target precision), not both")
@@ -237,6 +256,7 @@ def run_dedup(
     embedded = pd.unique(pairs[["item_id", "dup_item_id"]].to_numpy().ravel()) if calibrate is not None else None
     pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
     clusters = cluster_pairs(pairs)
+    check_cluster_share(clusters, storage.read_manifest(embeddings_uri), threshold, max_cluster_share)
     if calibrate is not None:  # how the clusters match the labelled groups
         info["cluster_quality"] = cluster_quality(clusters, calibrate[0], embedded)
     info["search_s"] = round(time.perf_counter() - start, 3)

@@ -270,9 +270,11 @@ def embed_listing(model_dir: str, title: str | None, image: bytes | None) -> np.
 
 
 class _PartWriter:
-    """Buffers Arrow tables and writes `part-00000.parquet`, ... of about `rows_per_file` rows each."""
+    """Buffers Arrow tables and writes `part-00000-<token>.parquet`, ... (storage.part_name of `stage`) of
+    about `rows_per_file` rows each into `dir_uri` (the stage or a folder of it)."""
 
-    def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int) -> None:
+    def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int, stage: str) -> None:
+        self.stage = stage
         self.fs, self.path = arrow_filesystem(dir_uri)
         self.fs.create_dir(self.path, recursive=True)
         self.schema, self.rows_per_file = schema, rows_per_file
@@ -293,7 +295,7 @@ class _PartWriter:
         start = time.perf_counter()
         table = pa.concat_tables(self.buffer)
         head, rest = table.slice(0, rows), table.slice(rows)
-        name = f"part-{len(self.files):05d}.parquet"
+        name = storage.part_name(self.stage, f"part-{len(self.files):05d}.parquet")
         pq.write_table(head, f"{self.path}/{name}", filesystem=self.fs)
         self.files.append(name)
         self.rows += head.num_rows
@@ -395,7 +397,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     )
 
     with storage.staging(out_uri, options.run_id) as stage:
-        rejects = _PartWriter(storage.join(stage, REJECTS_DIR), REJECTS_SCHEMA, options.rows_per_file)
+        rejects = _PartWriter(storage.join(stage, REJECTS_DIR), REJECTS_SCHEMA, options.rows_per_file, stage)
         reject_reasons: collections.Counter[str] = collections.Counter()
         if dup_rejects is not None:
             rejects.add(dup_rejects)
@@ -411,7 +413,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             busy["encode_s"] += float(batch["_encode_s"].sum())
             status = batch["status"]
             if embeddings is None:
-                embeddings = _PartWriter(stage, embedding_schema(batch["embedding"].shape[1]), options.rows_per_file)
+                embeddings = _PartWriter(stage, embedding_schema(batch["embedding"].shape[1]), options.rows_per_file, stage)
             ok = np.flatnonzero(status == OK)
             if len(ok):
                 embeddings.add(pa.table({
@@ -437,7 +439,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
 
         if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
             model, _ = load_model_dir(model_dir, "cpu")
-            embeddings = _PartWriter(stage, embedding_schema(model.embedding_dim), options.rows_per_file)
+            embeddings = _PartWriter(stage, embedding_schema(model.embedding_dim), options.rows_per_file, stage)
         embedded = embeddings.rows + embeddings.buffered
         carried = _carry_over(options.previous, unchanged, embeddings) if unchanged else 0
         if carried != len(unchanged):

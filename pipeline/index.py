@@ -2,8 +2,9 @@
 
 Index dir layout (a published directory, see `storage`):
 
-    shard-00000.faiss         one FAISS index per shard, faiss row id = row in its id map
-    shard-00000.ids.parquet   the id map: one column `item_id`, row i = faiss row id i
+    shard-00000-<token>.faiss         one FAISS index per shard, faiss row id = row in its id map
+    shard-00000-<token>.ids.parquet   the id map: one column `item_id`, row i = faiss row id i
+                                      (<token>: unique to the publish, storage.part_name)
     ...
     _manifest.json            model_version, model_dir, embeddings (the table it was built from), dim,
                               metric, spec, shards [{faiss, ids, n_vectors}], search_params, tuning trials,
@@ -168,7 +169,7 @@ def fill_shard(
     # HNSW insertion order depends on thread timing: one thread keeps the graph deterministic.
     faiss.omp_set_num_threads(1 if search_param_name(index) == "efSearch" else threads)
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    faiss_name, ids_name = shard_names(shard)
+    faiss_name, ids_name = (storage.part_name(out_uri, name) for name in shard_names(shard))
     write_index(index, storage.join(out_uri, faiss_name))
     fs, ids_path = storage.get_fs(storage.join(out_uri, ids_name))
     with fs.open(ids_path, "wb") as f:
@@ -360,10 +361,20 @@ def _first_line(e: Exception) -> str:
 # --- recall and tuning -----------------------------------------------------------------------------
 
 
-def measure_recall(found_ids: np.ndarray, true_ids: np.ndarray, k: int = RECALL_K) -> float:
-    """Recall@k: mean over queries of |found top-k ∩ exact top-k| / k."""
-    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found_ids.tolist(), true_ids.tolist()))
-    return hits / (k * len(true_ids))
+def measure_recall(found_ids: np.ndarray, true_ids: np.ndarray, k: int = RECALL_K,
+                   exclude: np.ndarray | None = None) -> float:
+    """Recall@k: mean over queries of |found top-k ∩ exact top-k| / k.
+
+    With `exclude` (the queries' own item ids, when the queries are vectors of the index), each query's
+    own id is removed from both lists first: it is always found and would inflate recall by up to 1/k.
+    Give k + 1 columns of each then, so that k real neighbours remain.
+    """
+    found, true = found_ids.tolist(), true_ids.tolist()
+    if exclude is not None:
+        found = [[i for i in row if i != own][:k] for row, own in zip(found, exclude.tolist())]
+        true = [[i for i in row if i != own][:k] for row, own in zip(true, exclude.tolist())]
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found, true))
+    return hits / (k * len(true))
 
 
 def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, item_ids: np.ndarray, k: int = RECALL_K) -> np.ndarray:
@@ -372,14 +383,9 @@ def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, item_ids: np.ndar
     return item_ids[rows]
 
 
-def queries_per_second(index: ShardedIndex, queries: np.ndarray, k: int = RECALL_K) -> float:
-    start = time.perf_counter()
-    index.search(queries, k)
-    return len(queries) / max(time.perf_counter() - start, 1e-9)
-
-
 def tune_search_param(
-    index: ShardedIndex, queries: np.ndarray, true_ids: np.ndarray, min_recall: float, k: int = RECALL_K
+    index: ShardedIndex, queries: np.ndarray, true_ids: np.ndarray, min_recall: float, k: int = RECALL_K,
+    exclude: np.ndarray | None = None,
 ) -> tuple[dict[str, int], list[dict]]:
     """The cheapest search parameter whose recall@k on `queries` reaches `min_recall`.
 
@@ -404,9 +410,9 @@ def tune_search_param(
     for params in grid:
         index.set_search_params(params)
         start = time.perf_counter()
-        _, found = index.search(queries, k)
+        _, found = index.search(queries, k if exclude is None else k + 1)
         qps = len(queries) / max(time.perf_counter() - start, 1e-9)
-        recall = measure_recall(found, true_ids, k)
+        recall = measure_recall(found, true_ids, k, exclude)
         trials.append({**params, "recall": round(recall, 4), "qps": round(qps, 1)})
         if recall >= target:
             return params, trials

@@ -6,8 +6,12 @@ a run-scoped staging directory next to the destination and moved into place only
 
 - local: one `os.rename` of the whole staging directory (atomic on POSIX); an existing output being
   overwritten is first renamed aside, and deleted only after the new one is in place;
-- s3://: objects are copied server-side from the staging prefix, the manifest last (a single PUT, which
-  S3 makes atomic), so a killed run leaves at most files without a manifest: "not written".
+- s3:// (no rename): every publish names its data files uniquely (`part_name`: `part-00000-<token>.parquet`),
+  so the new objects are copied server-side beside the old output's without touching them; the new
+  manifest, which lists its objects, is the commit point (a single PUT, atomic on S3); only then are the
+  objects of the replaced output deleted. Readers take the files the manifest lists (`parquet_files`), so
+  they see the old output or the new one, never neither and never a mix; a run killed mid-copy leaves
+  the old output whole (and orphan objects that the next publish removes).
 
 S3 credentials come from the environment (AWS_ACCESS_KEY_ID, ...); the endpoint can be overridden with
 AWS_ENDPOINT_URL (MinIO, moto, ...), which botocore reads itself.
@@ -93,9 +97,19 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 
 def staging_uri(final_uri: str, run_id: str | None = None) -> str:
-    """A run-scoped staging location beside `final_uri` (same filesystem, so the publish is a rename)."""
-    run_id = run_id or uuid.uuid4().hex[:12]
-    return f"{final_uri.rstrip('/')}.staging-{run_id}"
+    """A run-scoped staging location beside `final_uri` (same filesystem, so the publish is a rename):
+    `<final>.staging-[<run id>-]<token>`, the token (8 hex digits) unique to this publish (see part_name)."""
+    token = uuid.uuid4().hex[:8]
+    return f"{final_uri.rstrip('/')}.staging-{run_id + '-' if run_id else ''}{token}"
+
+
+def part_name(stage: str, name: str) -> str:
+    """A data file name unique to the publish that `stage` becomes: 'part-00000.parquet' ->
+    'part-00000-<token>.parquet' (as Spark names its parts). On an object store the new output's files
+    then lie beside the old one's until the new manifest commits (see publish)."""
+    token = stage.rstrip("/").rsplit(".staging-", 1)[1].rsplit("-", 1)[-1]
+    stem, dot, ext = name.partition(".")
+    return f"{stem}-{token}{dot}{ext}"
 
 
 def check_can_publish(final_uri: str, overwrite: bool) -> None:
@@ -107,13 +121,17 @@ def check_can_publish(final_uri: str, overwrite: bool) -> None:
 
 
 def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: bool = False) -> None:
-    """Write `manifest` into `staging` and move the staging directory to `final_uri` atomically.
+    """Write `manifest` (plus `objects`: the relative path of every file published) into place and move
+    the staging directory's content to `final_uri` atomically, as the module docstring says.
 
     Never deletes a published output before its replacement is in place.
     """
     check_can_publish(final_uri, overwrite)
     fs, final_path = get_fs(final_uri)
     _, staging_path = get_fs(staging)
+    root = staging_path.rstrip("/")
+    objects = sorted(p[len(root) + 1 :] for p in fs.find(root) if p[len(root) + 1 :] != MANIFEST)
+    manifest = {**manifest, "objects": objects}
     if is_local(final_uri):
         write_json(join(staging, MANIFEST), manifest)
         aside = None
@@ -125,30 +143,51 @@ def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: b
         if aside:
             fs.rm(aside, recursive=True)
         return
-    # S3: drop the old manifest first (the directory reads as "not written" while objects change), copy
-    # data objects, then write the new manifest: the commit point.
-    if fs.exists(join(final_path, MANIFEST)):
-        fs.rm(join(final_path, MANIFEST))
-    if fs.exists(final_path):
-        fs.rm(final_path, recursive=True)
-    for src in fs.find(staging_path):
-        rel = src[len(staging_path.rstrip("/")) + 1 :]
-        fs.copy(src, join(final_path, rel))
+    # object store: copy beside the old output (unique data names), commit with the manifest, then clean
+    for rel in objects:
+        fs.copy(join(root, rel), join(final_path, rel))
     write_json(join(final_uri, MANIFEST), manifest)
+    keep = {*objects, MANIFEST}
+    final_root = final_path.rstrip("/")
+    stale = [p for p in fs.find(final_root) if p[len(final_root) + 1 :] not in keep]
+    if stale:
+        fs.rm(stale)
     fs.rm(staging_path, recursive=True)
 
 
 def parquet_files(uri: str) -> list[str]:
     """The Parquet files of a directory (sorted), skipping `_`/`.`-prefixed paths below it, as Spark,
-    pyarrow and DuckDB do: `_rejects/` and staging leftovers are not data. A file URI is itself."""
+    pyarrow and DuckDB do: `_rejects/` and staging leftovers are not data. A file URI is itself.
+
+    In a published directory (or a folder of one, like dedup's `duplicate_pairs/`) the files are those its
+    manifest lists, not whatever the listing shows: on an object store an overwrite in progress holds the
+    old output's files and the new one's side by side.
+    """
     fs, path = get_fs(uri)
     if not fs.isdir(path):
         return [path]
     root = path.rstrip("/")
+    published = _published_objects(fs, root)
+    candidates = published if published is not None else fs.find(root)
     return sorted(
-        p for p in fs.find(root) if p.endswith(".parquet")
+        p for p in candidates if p.endswith(".parquet")
         and not any(part.startswith(("_", ".")) for part in p[len(root) + 1 :].split("/"))
     )
+
+
+def _published_objects(fs: fsspec.AbstractFileSystem, root: str) -> list[str] | None:
+    """Full paths of the objects under `root` that the manifest of `root` or of its parent lists; None
+    when neither is published or the manifest predates object lists."""
+    for base in (root, root.rsplit("/", 1)[0]):
+        manifest_path = f"{base}/{MANIFEST}"
+        if fs.exists(manifest_path):
+            with fs.open(manifest_path, "r") as f:
+                objects = json.load(f).get("objects")
+            if objects is None:
+                return None
+            paths = [f"{base}/{o}" for o in objects]
+            return [p for p in paths if p.startswith(root + "/")]
+    return None
 
 
 def remove(uri: str) -> None:

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.dedup import NeighbourPairs, calibrate_threshold, cluster_pairs, find_duplicate_pairs
+from pipeline.dedup import NeighbourPairs, calibrate_threshold, cluster_pairs, cluster_quality, find_duplicate_pairs
 
 
 def _groups(index_catalog) -> dict[str, set[str]]:
@@ -26,6 +26,14 @@ def test_neighbour_pairs_on_a_plain_batch(ivf_index_uri, index_catalog):
     a, b, c = sorted(member)
     assert {(a, b), (a, c), (b, c)} <= pairs  # each found from both sides, always as (smaller, larger)
     assert (out["item_id"] < out["dup_item_id"]).all() and (out["score"] >= 0.99).all()
+
+
+def test_cluster_quality_counts_pairs_inside_clusters_and_groups():
+    clusters = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "cluster_id": ["a", "a", "a", "d"]})
+    groups = pd.Series({"a": "g1", "b": "g1", "c": "g2", "d": None, "e": "g2", "f": None})
+    q = cluster_quality(clusters, groups, list("abcdef"))
+    # clustered pairs ab, ac, bc (one right); true pairs ab, ce (one found)
+    assert q == {"pair_precision": 1 / 3, "pair_recall": 0.5, "predicted_pairs": 3, "true_pairs": 2}
 
 
 def test_cluster_pairs_is_connected_components():
@@ -75,8 +83,21 @@ def test_dedup_cli_calibrates_and_publishes_pairs_and_clusters(tmp_path, ivf_ind
     assert manifest["calibration"]["precision"] >= 0.9 and (pairs["score"] >= manifest["threshold"]).all()
     assert manifest["n_pairs"] == len(pairs) and manifest["n_items_in_clusters"] == len(clusters)
     assert manifest["cluster_size_histogram"].get("3", 0) >= 140
+    quality = manifest["cluster_quality"]  # the clusters against the catalog's groups
+    assert quality["pair_precision"] >= 0.9 and quality["pair_recall"] >= 0.9 and quality["true_pairs"] == 3 * 150
 
     result = CliRunner().invoke(main, ["dedup", ivf_index_uri, embeddings_uri, out, "--threshold", "0.99"])
     assert result.exit_code == 1 and "already published" in result.output
     result = CliRunner().invoke(main, ["dedup", ivf_index_uri, embeddings_uri, str(tmp_path / "x")])
     assert result.exit_code == 2 and "--threshold" in result.output
+
+
+def test_a_catalog_sized_cluster_fails_the_stage_and_publishes_nothing(tmp_path, ivf_index_uri, embeddings_uri):
+    """What a collapsed model looks like: at a threshold every neighbour passes, one cluster takes all."""
+    out = str(tmp_path / "dups")
+    result = CliRunner().invoke(main, ["dedup", ivf_index_uri, embeddings_uri, out, "--threshold", "-1"])
+    assert result.exit_code == 1 and "largest duplicate cluster holds" in result.output, result.output
+    assert "Traceback" not in result.output and not storage.exists(out) and not storage.is_published(out)
+    # the same listings at a sane threshold pass the gate
+    result = CliRunner().invoke(main, ["dedup", ivf_index_uri, embeddings_uri, out, "--threshold", "0.9"])
+    assert result.exit_code == 0, result.output

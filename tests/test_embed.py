@@ -78,7 +78,9 @@ def test_counts_reconcile_and_manifest_is_complete(embedded, tiny_model_dir) -> 
     assert manifest["rejected"] == pq.read_table(storage.join(out, REJECTS_DIR)).num_rows
     assert manifest["model_version"] == load_model_dir(tiny_model_dir)[0].config.model_version
     assert manifest["dim"] == 32
-    assert manifest["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    token = manifest["files"][0][len("part-00000-"):-len(".parquet")]  # unique to this publish
+    assert len(token) == 8 and manifest["files"] == [f"part-0000{i}-{token}.parquet" for i in range(3)]
+    assert set(manifest["files"]) <= set(manifest["objects"])
     for stage in ("validate_s", "preprocess_s", "encode_s", "write_s", "wall_s"):
         assert manifest["timings"][stage] >= 0
     assert not any(".staging-" in p for p in os.listdir(os.path.dirname(out)))
@@ -203,7 +205,7 @@ def test_s3_round_trip(ray_local, s3_env, catalog, tiny_model_dir) -> None:
     assert first.schema.field("embedding").type == pa.list_(pa.float32(), 32)
     total = sum(pq.ParquetFile(fs.open(f"embed-test/out/{name}", "rb")).metadata.num_rows for name in manifest["files"])
     assert total == manifest["embedded"] and manifest["rows_in"] == CATALOG_ROWS
-    assert fs.exists(f"embed-test/out/{REJECTS_DIR}/part-00000.parquet")
+    assert fs.exists(f"embed-test/out/{REJECTS_DIR}/{manifest['rejects']['files'][0]}")
     assert not [p for p in fs.ls("embed-test") if ".staging-" in p]
 
 

@@ -19,8 +19,9 @@ import ray
 import yaml
 
 from jobs.config import ConfigError, load_config, parse_config
-from jobs.nightly import LATEST, REPORT, STAGES, StageFailed, run_nightly
+from jobs.nightly import LATEST, REPORT, STAGES, StageFailed, advance_latest, run_nightly
 from pipeline import storage
+from pipeline.index import ShardedIndex
 from pipeline.sample_catalog import make_sample_catalog
 
 DAY1, DAY2 = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
@@ -33,7 +34,7 @@ def write_config(path, catalog: str, model_dir: str, output_root: str) -> str:
         "catalog": catalog, "model_dir": model_dir, "output_root": output_root,
         "embed": {"batch_size": 64, "encode_threads": 1},
         "index": {"shards": 2, "min_recall": 0.5},
-        "dedup": {"threshold": 0.995},
+        "dedup": {"threshold": 0.995, "calibrate_precision": 0},  # a random tiny model: a fixed threshold
     }
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -64,7 +65,16 @@ def test_full_run_publishes_every_output_and_a_reconciling_report(day1):
     assert report["reconciles"] and c["rows_in"] == ROWS == c["embedded"] + c["rejected"] + c["unchanged_skipped"]
     assert c["unchanged_skipped"] == 0 and c["rejected"] > 0
     assert set(report["rejects_by_reason"]) == {"null_id", "no_content", "duplicate_id"}
-    assert report["index"]["recall_at_10"] >= 0.5
+    # the recorded recall is that of real neighbours: an exact search over the published table agrees
+    table = pq.read_table(storage.parquet_files(os.path.join(run, "embeddings")), columns=["item_id", "embedding"])
+    ids = np.array(table.column("item_id").to_pylist(), dtype=object)
+    vectors = storage.embedding_matrix(table.column("embedding"))
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    truth = ids[np.argsort(-sims, axis=1, kind="stable")[:, :10]]
+    _, found = ShardedIndex.load(os.path.join(run, "index")).search(vectors, 11)
+    hits = [len(set([f for f in row if f != own][:10]) & set(t)) for row, own, t in zip(found.tolist(), ids, truth.tolist())]
+    assert abs(sum(hits) / (10 * len(ids)) - report["index"]["recall_at_10"]) < 0.02
     assert report["backfill"]["n_unlabelled"] > 0
     assert storage.read_json(os.path.join(config.output_root, LATEST))["run_date"] == "2026-11-20"
 
@@ -101,6 +111,25 @@ def test_next_day_reencodes_only_what_changed(day1, tmp_path):
     assert not ids & {r["item_id"] for r in removed}
     assert len(ids) == c["embedded"] + c["unchanged_skipped"]  # no row twice
     assert storage.read_json(os.path.join(config.output_root, LATEST))["run_date"] == "2026-11-21"
+
+
+def test_latest_only_moves_forward_and_a_stale_pointer_is_repaired(tmp_path):
+    runs = tmp_path / "runs"
+    config = parse_config({"catalog": "c", "model_dir": "m", "output_root": str(runs)})
+    for day in ("2026-11-19", "2026-11-20", "2026-11-22"):
+        (runs / f"dt={day}").mkdir(parents=True)
+    (runs / "dt=2026-11-21").mkdir()  # a killed run: no report
+    for day in ("2026-11-19", "2026-11-20"):
+        storage.write_json(str(runs / f"dt={day}" / REPORT), {"run_date": day})
+    assert advance_latest(config)["run_date"] == "2026-11-20"
+    # a crash between the report and the pointer: 11-22 finished but latest.json still names 11-20
+    storage.write_json(str(runs / "dt=2026-11-22" / REPORT), {"run_date": "2026-11-22"})
+    assert storage.read_json(str(runs / LATEST))["run_date"] == "2026-11-20"
+    assert advance_latest(config) == {"run_date": "2026-11-22", "run_dir": str(runs / "dt=2026-11-22")}
+    # an older date finishing later (a re-run, a back-fill) never moves it back
+    storage.write_json(str(runs / "dt=2026-11-21" / REPORT), {"run_date": "2026-11-21"})
+    assert advance_latest(config)["run_date"] == "2026-11-22"
+    assert storage.read_json(str(runs / LATEST))["run_date"] == "2026-11-22"
 
 
 def _as_dict(config) -> dict:
@@ -235,3 +264,31 @@ def test_search_a_new_listing_by_title_and_image(day1, tmp_path):
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] > 0.9999
     result = CliRunner().invoke(main, ["search", index, "--title", ""])
     assert result.exit_code != 0 and "no usable title and no usable image" in result.output
+
+
+def test_integer_ids_and_renamed_columns_give_the_same_outputs(tmp_path, tiny_model_dir, ray_local):
+    """One catalog reader and one id rule in every stage: int64 ids with a null, every column renamed
+    through the config's column map, give exactly the outputs of the canonical catalog."""
+    table = make_sample_catalog(ROWS, seed=11)
+    numeric = [None if i is None else str(1000 + int(i.split("-")[1])) for i in table.column("item_id").to_pylist()]
+    assert None in numeric and len(set(numeric)) < len(numeric)  # a null id and duplicate ids
+    canonical = table.set_column(0, "item_id", pa.array(numeric, pa.string()))
+    renames = {"item_id": "sku", "title": "name", "image": "photo", "category": "cat", "group_id": "product"}
+    renamed = canonical.set_column(0, "item_id", pa.array([None if i is None else int(i) for i in numeric], pa.int64()))
+    renamed = renamed.rename_columns([renames.get(c, c) for c in renamed.column_names])
+    outputs = {}
+    for name, catalog_table, columns in (("canonical", canonical, {}), ("renamed", renamed, renames)):
+        catalog = str(tmp_path / f"{name}.parquet")
+        pq.write_table(catalog_table, catalog)
+        data = yaml.safe_load(open(write_config(tmp_path / f"{name}.yaml", catalog, tiny_model_dir, str(tmp_path / name))))
+        report = run_nightly(parse_config({**data, "columns": columns}), DAY1)
+        outputs[name] = (
+            report["counts"], report["backfill"],
+            table_rows(os.path.join(report["run_dir"], "embeddings"), ["item_id", "modalities", "content_hash"]),
+            table_rows(os.path.join(report["run_dir"], "dedup", "duplicate_pairs"), ["item_id", "dup_item_id"]),
+            table_rows(os.path.join(report["run_dir"], "backfill"), ["item_id", "predicted_category"]),
+        )
+    assert outputs["renamed"] == outputs["canonical"]
+    counts, backfill, embedded = outputs["canonical"][:3]
+    assert backfill["n_unlabelled"] > 0 and backfill["n_no_embedding"] == 0  # ids matched across stages
+    assert all(isinstance(i, str) and not i.endswith(".0") for i, _, _ in embedded)
