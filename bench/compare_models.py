@@ -1,43 +1,36 @@
 """The comparison of EVALUATION.md in one command: pretrain every model variant on the same data with the
-same budget, then evaluate them side by side with the TF-IDF and pHash references.
+same budget, then evaluate them side by side with the references on listings none of them saw.
 
-    python bench/compare_models.py /work/shared/data/fashion-dev.parquet --out /tmp/compare-run1 \\
-        --preset small --steps 250 --batch-size 32 --lr 5e-4 --limit 2000 --relistings 150 \\
-        --knn-queries 2000 --seed 0
+    python bench/compare_models.py ../shared/data/fashion-dev.parquet --out /tmp/compare-r2 \
+        --same-weights item_contrastive
 
 Phases (each timed and printed):
 
-  train     one `item_model.train.pretrain` run per variant (item_model.config.VARIANTS), all with the same
-            catalog rows, preset, steps, batch size, lr, warm-up and seed; Ray is initialised once here
-            (local, 1 Ray Train worker, CPU). Model dirs land in OUT/models/<variant>; a variant whose
-            model dir is already published at the same settings is not trained again (re-running the
-            command after a crash resumes where it stopped; other settings fail loudly).
-  evaluate  `pipeline.evaluate.evaluate` over a seeded, group-preserving sample of `--limit` catalog rows,
-            every trained model plus the references, then `write_report`: OUT/report/report.md,
-            results.json and the PNG plots. A "Training" section (settings, time and final losses per
-            variant, and the mean pairwise cosine of each embedding as a collapse check) is appended.
+  split     the catalog is split by duplicate group (--holdout 0.2, a whole group on one side): the
+            pretraining rows go to OUT/train-catalog.parquet in a seeded random order; evaluation runs on
+            a group-preserving sample of --limit held-out rows only.
+  train     one `item_model.train.pretrain` run per variant (item_model.config.VARIANTS), all from the same
+            start (--init-from minilm), with the same rows, preset, steps, batch size, lr, warm-up and seed;
+            Ray is initialised once here (local, 1 Ray Train worker, CPU). Model dirs land in
+            OUT/models/<variant>; a variant whose model dir is already published at the same settings is
+            not trained again (re-running the command after a crash resumes where it stopped; other
+            settings fail loudly).
+  evaluate  `pipeline.evaluate.evaluate` over the held-out sample: every trained model, the same weights
+            with the other pooling and without the fitted corpus centre (--same-weights), and the
+            references (--references: TF-IDF, pHash, and the untrained start `minilm` on titles alone);
+            then `write_report`: OUT/report/report.md, results.json and the PNG plots, plus a "Training"
+            section (settings, time, final losses) and a collapse check (mean pairwise cosine) of every
+            embedder.
 
-The catalog is read where it lies (never copied into the repository). `pretrain` trains on a seeded
-random order of the rows (the fashion file is ordered by item id; the first comparison run predates
-that shuffle and trained in file order); `--train-limit N` trains on a seeded random subset of N rows
-(OUT/train-catalog.parquet, see `train_catalog`).
+The catalog is read where it lies (never copied into the repository).
 
-Budget (the issue asks for about an hour on a 2-core CPU, no GPU). Measured on this machine with this
-script (calibration run `--steps 40 --variants item --limit 400 --relistings 30`), while other engineers'
-jobs kept the load average at 7-19 on the 2 cores:
-
-  - training, small preset, 1 Ray Train worker at 1 torch thread: ~23 samples/s under that load
-    (36 samples/s on a quiet machine, docs/benchmarks.md), plus ~1.5-2 min of fixed cost per variant
-    (tokenizer training on the 35k titles, Ray Train start, the first batches, export). 250 steps x
-    32 rows = 8,000 samples per variant (under a quarter of an epoch) ~ 6 min for ITEm, less for the
-    single-modality variants (shorter sequences): ~30 min for all five, the share the issue leaves
-    for training.
-  - evaluation: each model embeds 3 x limit catalog rows (full, title blanked, image blanked) plus
-    3 families x relistings x 3 variants query rows; the calibration measured ~21 rows/s under load
-    (~44 on a quiet machine), so `--limit 2000 --relistings 150` is 7,350 rows ~ 3-6 min per model,
-    15-25 min for five; the metrics and the two references take seconds.
-  - as run (docs/evaluation.md): 37 min in all at load average 5-11 (train 21.5, evaluate 15.2); on an
-    idle machine training runs at ~40 samples/s and embedding at ~190 rows/s, so about 25 min.
+Budget (issue 10: at most 20 minutes of pretraining per model on the 2-core CPU, no GPU). Measured on
+this machine with this script: the minilm preset trains at ~42 samples/s for item and item_no_global
+(one encoder pass per step) and ~23 samples/s for item_contrastive (plus an image-only and a
+title-only pass), after ~70 s of fixed cost per variant (Ray Train start, first batches, export, corpus
+centre). 300 steps x 64 rows = 19,200 samples (two thirds of an epoch of the 28k pretraining rows)
+takes ~9 min for item and ~15 min for item_contrastive. Evaluation embeds 3 x limit + 9 x relistings
+rows per model at ~170 rows/s: `--limit 4000 --relistings 300` is ~90 s per model.
 
 The defaults below are that budget; on a GPU or a bigger machine raise --steps and --limit.
 """

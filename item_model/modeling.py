@@ -246,10 +246,10 @@ class ItemModel(PreTrainedModel):
         hidden = self.encoder(embeddings, attention_mask=attention).last_hidden_state  # [B, L, D]
         return hidden, mask, patches
 
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
         """The row's vector before normalisation, [B, D]: the [CLS] state, or the mean of the attended
-        states (config.pooling)."""
-        if self.config.pooling == "cls":
+        states (`pooling`, by default config.pooling: the published vector's)."""
+        if (pooling or self.config.pooling) == "cls":
             return hidden[:, 0]
         weights = mask.to(hidden.dtype)[..., None]  # [B, L, 1]
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
@@ -352,13 +352,14 @@ class ItemModel(PreTrainedModel):
         hidden, mask, patches = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image, patch_mask)
         losses = self.forward_losses(hidden, patches, labels, scored_patches, swapped, has_image & has_title)
         if c.use_view_contrastive:
-            losses["view"] = self.forward_views(self.pool(hidden, mask), ~swapped, *original, generator)
+            joint = self.pool(hidden, mask, c.view_pooling)
+            losses["view"] = self.forward_views(joint, ~swapped, *original, generator)
             losses["loss"] = losses["loss"] + c.view_contrastive_weight * losses["view"]
         return losses
 
     def forward_views(
         self,
-        joint: torch.Tensor,  # [B, D] pooled states of the (masked) joint pass: the anchors
+        joint: torch.Tensor,  # [B, D] the (masked) joint pass pooled by config.view_pooling: the anchors
         anchor_ok: torch.Tensor,  # [B] bool: anchors that show the row's own product (not ITM-swapped)
         input_ids: torch.Tensor,  # [B, T] the row's unmasked title
         attention_mask: torch.Tensor,
@@ -383,14 +384,14 @@ class ItemModel(PreTrainedModel):
                                                c.view_zoom_out_max, c.view_rotation_max_deg)
             hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
                                                           has_image[image_rows])
-            views = F.normalize(self.pool(hidden, stream_mask).float(), dim=-1)
+            views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
             terms.append(objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature))
         title_rows = anchor_ok & has_title
         if title_rows.sum() >= 2:
             ids, mask = objectives.drop_tokens(input_ids[title_rows], attention_mask[title_rows], c.view_token_drop,
                                                (c.cls_token_id, c.sep_token_id), c.pad_token_id, generator)
             hidden, stream_mask, _ = self.forward_encoder(ids, mask, None, torch.zeros_like(has_image[title_rows]))
-            views = F.normalize(self.pool(hidden, stream_mask).float(), dim=-1)
+            views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
             terms.append(objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature))
         return torch.stack(terms).mean() if terms else joint.sum() * 0.0
 

@@ -359,6 +359,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resumed = checkpoint is not None
     if resumed:
         state.setdefault("resumed_from", []).append(state["step"])  # a restart or a --resume
+    state["torch_threads"] = torch.get_num_threads()  # per worker, recorded in the model dir's manifest
     # heads of switched-off objectives get no gradient: DDP must be told to expect that
     all_on = all(getattr(model_config, f"use_{o}") for o in ("itm", "mlm", "mim", "global_mlm", "global_mim"))
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": not all_on})
@@ -597,6 +598,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
             "rows_seen": state["rows_seen"],
             "rows_skipped": state["rows_skipped"],
             "resumed_from_steps": state.get("resumed_from", []),
+            "torch_threads_per_worker": state.get("torch_threads"),
             "history": history,
             "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "time", "lr", "samples_per_s", "samples")}
             if history else {},

@@ -352,6 +352,10 @@ def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor,
     model, proc = load_model_dir(out)
     assert json.load(open(os.path.join(out, "tokenizer.json"))) == json.load(open(os.path.join(bert_dir, "tokenizer.json")))
     assert model.config.vocab_size == len(proc.tokenizer)
+    manifest = storage.read_manifest(out)
+    assert manifest["start"]["name"] == "local" and len(manifest["start"]["sha256"]) == 64
+    assert manifest["torch_threads_per_worker"] == os.cpu_count()  # one worker uses every core, not Ray's 1
+    assert manifest["embedding_center_rows"] > 0 and model.embedding_center.abs().sum() > 0
 
 
 def test_pretrain_builds_the_variant_it_is_given(ray_local, catalog, tmp_path):
