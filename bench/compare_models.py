@@ -1,7 +1,7 @@
 """The comparison of EVALUATION.md in one command: pretrain every model variant on the same data with the
 same budget, then evaluate them side by side with the references on listings none of them saw.
 
-    python bench/compare_models.py ../shared/data/fashion-dev.parquet --out /tmp/compare-r2 \
+    python bench/compare_models.py ../shared/data/fashion-dev.parquet --out /tmp/compare-r3 \
         --same-weights item_contrastive
 
 Phases (each timed and printed):

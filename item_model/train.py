@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -313,6 +314,11 @@ def load_checkpoint(directory: str, model: torch.nn.Module, optimizer=None, sche
         optim = torch.load(os.path.join(directory, "optim.pt"), weights_only=True, map_location="cpu")
         optimizer.load_state_dict(optim["optimizer"])
         scheduler.load_state_dict(optim["scheduler"])
+    return checkpoint_state(directory)
+
+
+def checkpoint_state(directory: str) -> dict[str, Any]:
+    """The state.json of a checkpoint: step, history, counters, the run's TrainConfig."""
     with open(os.path.join(directory, "state.json")) as f:
         return json.load(f)
 
@@ -347,12 +353,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model)
+            saved = checkpoint_state(d)
             # a run resumed with more steps than it was trained for warms its lr up again from here
-            if state["train_config"]["steps"] < cfg.steps:
-                state["lr_restart_step"] = state["step"]
-            optimizer, scheduler = build_optimizer(model, cfg, state.get("lr_restart_step"))
-            load_checkpoint(d, model, optimizer, scheduler)
+            restart = saved["step"] if saved["train_config"]["steps"] < cfg.steps else saved.get("lr_restart_step")
+            optimizer, scheduler = build_optimizer(model, cfg, restart)
+            state = {**load_checkpoint(d, model, optimizer, scheduler), "lr_restart_step": restart}
         state.pop("train_config", None)
     else:
         optimizer, scheduler = build_optimizer(model, cfg)
@@ -557,10 +562,9 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         os.makedirs(work, exist_ok=True)
         processor.save_pretrained(processor_dir)
         storage.write_json(cfg_path, cfg.to_dict())
-    attempts_path = os.path.join(work, "attempts")
-    attempt = int(open(attempts_path).read()) + 1 if os.path.exists(attempts_path) else 0
-    with open(attempts_path, "w") as f:
-        f.write(str(attempt))
+    attempts = pathlib.Path(work, "attempts")  # each attempt (a --resume) shuffles anew: build_dataset
+    attempt = int(attempts.read_text()) + 1 if attempts.exists() else 0
+    attempts.write_text(str(attempt))
     model_config = preset_config(cfg.preset, processor.tokenizer, variant=cfg.variant, **cfg.model_overrides)
 
     init_state = None

@@ -181,5 +181,5 @@ def write_backfill(out_uri: str, rows: pd.DataFrame, report: dict, overwrite: bo
             png = storage.join(stage, "precision_coverage.png")
             with storage.get_fs(png)[0].open(storage.get_fs(png)[1], "wb") as f:
                 plot_curve(report["leave_one_out"]["curve"], f, "category backfill, leave-one-out")
-        storage.publish(stage, out_uri, manifest, overwrite=overwrite)
+        manifest = storage.publish(stage, out_uri, manifest, overwrite=overwrite)
     return manifest

@@ -148,9 +148,8 @@ def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: flo
     return float(scores[i]), float(prec[i]), int(i + 1)
 
 
-def check_cluster_share(clusters: pd.DataFrame, embeddings_manifest: dict, threshold: float, max_share: float) -> None:
-    """Raise DedupSanityError when the largest cluster holds more than `max_share` of the table's items."""
-    n_items = embeddings_manifest["embedded"] + embeddings_manifest["unchanged_skipped"]
+def check_cluster_share(clusters: pd.DataFrame, n_items: int, threshold: float, max_share: float) -> None:
+    """Raise DedupSanityError when the largest cluster holds more than `max_share` of the `n_items` listings."""
     largest = int(clusters.groupby("cluster_id").size().max()) if len(clusters) else 0
     if n_items and largest > max_share * n_items:
         raise DedupSanityError(
@@ -201,7 +200,7 @@ def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, 
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(path, "wb") as f:
                 pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), f)
-        storage.publish(stage, out_uri, manifest, overwrite=overwrite)
+        manifest = storage.publish(stage, out_uri, manifest, overwrite=overwrite)
     return manifest
 
 
@@ -256,7 +255,7 @@ def run_dedup(
     embedded = pd.unique(pairs[["item_id", "dup_item_id"]].to_numpy().ravel()) if calibrate is not None else None
     pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
     clusters = cluster_pairs(pairs)
-    check_cluster_share(clusters, storage.read_manifest(embeddings_uri), threshold, max_cluster_share)
+    check_cluster_share(clusters, storage.read_manifest(index_uri)["n_vectors"], threshold, max_cluster_share)
     if calibrate is not None:  # how the clusters match the labelled groups
         info["cluster_quality"] = cluster_quality(clusters, calibrate[0], embedded)
     info["search_s"] = round(time.perf_counter() - start, 3)

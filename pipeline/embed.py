@@ -374,7 +374,9 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
 
     files = open_dataset(catalog_uri).files
     fs, _ = arrow_filesystem(catalog_uri)
-    key = options.run_id or uuid.uuid4().hex
+    # unique per call, never the run id: two jobs with one run id (two catalogs' nightlies for one date on a
+    # long-lived cluster) would otherwise share a worker's cached Preprocess, its column map and lookups
+    key = uuid.uuid4().hex
     lookups = ray.put((frozenset(dup), previous))
     prep_kwargs = dict(key=key, model_dir=model_dir, columns=columns)
     ds = ray.data.read_parquet(files, filesystem=fs, columns=needed).map_batches(
@@ -480,7 +482,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
                 f"counts do not reconcile: rows_in {rows_in} != embedded {embedded} + unchanged {carried} + "
                 f"rejected {rejected}; nothing was published"
             )
-        storage.publish(stage, out_uri, manifest, overwrite=options.overwrite)
+        manifest = storage.publish(stage, out_uri, manifest, overwrite=options.overwrite)
     log.info(summary_line(manifest))
     return manifest
 

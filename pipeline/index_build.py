@@ -112,7 +112,7 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
             "seed": config.seed,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        storage.publish(stage, out_uri, manifest, overwrite=overwrite)
+        manifest = storage.publish(stage, out_uri, manifest, overwrite=overwrite)
     return manifest
 
 

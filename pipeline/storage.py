@@ -120,9 +120,10 @@ def check_can_publish(final_uri: str, overwrite: bool) -> None:
         )
 
 
-def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: bool = False) -> None:
+def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     """Write `manifest` (plus `objects`: the relative path of every file published) into place and move
-    the staging directory's content to `final_uri` atomically, as the module docstring says.
+    the staging directory's content to `final_uri` atomically, as the module docstring says. Returns the
+    manifest as written.
 
     Never deletes a published output before its replacement is in place.
     """
@@ -142,7 +143,7 @@ def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: b
         os.rename(staging_path, final_path)
         if aside:
             fs.rm(aside, recursive=True)
-        return
+        return manifest
     # object store: copy beside the old output (unique data names), commit with the manifest, then clean
     for rel in objects:
         fs.copy(join(root, rel), join(final_path, rel))
@@ -153,6 +154,7 @@ def publish(staging: str, final_uri: str, manifest: dict[str, Any], overwrite: b
     if stale:
         fs.rm(stale)
     fs.rm(staging_path, recursive=True)
+    return manifest
 
 
 def parquet_files(uri: str) -> list[str]:

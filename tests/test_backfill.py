@@ -80,7 +80,7 @@ def test_backfill_cli_publishes_rows_report_and_plot(tmp_path, ivf_index_uri, em
     assert result.exit_code == 0, result.output
     assert "leave-one-out" in result.output and "threshold\tcoverage\tprecision" in result.output
     manifest = storage.read_manifest(out)
-    table = pq.read_table(f"{out}/part-00000.parquet")
+    table = pq.read_table(storage.parquet_files(out))
     assert table.schema.names == ["item_id", "predicted_category", "confidence", "n_neighbors"]
     assert manifest["n_filled"] == table.column("predicted_category").drop_null().length()
     assert (tmp_path / "backfill" / "precision_coverage.png").stat().st_size > 1000
