@@ -133,8 +133,9 @@ def test_cli_auto_under_a_tight_budget_builds_fast_scan_pq_with_exact_rerank(tmp
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     manifest = storage.read_manifest(out)
-    assert manifest["spec"].endswith("x4fs,RFlat") and manifest["recall_at_10"] >= 0.95
-    assert "k_factor" in manifest["search_params"]
+    assert manifest["spec"].endswith("x4fs,RFlat") and "k_factor" in manifest["search_params"]
+    ours = _real_neighbour_recall(ShardedIndex.load(out), index_catalog.vectors, index_catalog.item_ids)
+    assert ours >= 0.95 - 0.02 and abs(manifest["recall_at_10"] - ours) < 0.03
     _, found = ShardedIndex.load(out).search(index_catalog.vectors[:200], 10)
     assert (found[:, 0] == index_catalog.item_ids[:200]).all()  # re-ranking separates near-duplicates
 
