@@ -25,7 +25,8 @@ import torch
 
 from item_model import ItemModel, ItemProcessor, preset_config, save_model_dir, train_tokenizer
 from pipeline.catalog import open_dataset
-from pipeline.embed import EmbedOptions, Encoder, run_embed, summary_line
+from pipeline.embed import EmbedOptions, run_embed, summary_line
+from pipeline.encode import Encoder
 
 
 def make_model_dir(titles: list[str], preset: str, directory: str) -> str:

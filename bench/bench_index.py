@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
-from pipeline.cli import parse_bytes
+from jobs.cli import parse_bytes
 from pipeline.dedup import find_duplicate_pairs
-from pipeline.index import ShardedIndex, measure_recall, read_embedding_table
+from pipeline.index import ShardedIndex, read_embedding_table
+from pipeline.index_tuning import measure_recall
 from pipeline.index_build import IndexBuildConfig, build_index
 
 ROWS_PER_FILE = 200_000

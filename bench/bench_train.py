@@ -1,6 +1,6 @@
 """Benchmark: ITEm pretraining throughput of the Ray Train loop against a bare PyTorch loop, same batches.
 
-Both loops run the same `item_model.train.train_step` (same optimizer, schedule, clipping, autocast) on
+Both loops run the same `item_model.training.train_step` (same optimizer, schedule, clipping, autocast) on
 the same preprocessed rows, materialised once by the Ray Data preprocessing pipeline:
 
   bare     the driver process iterates a list of those batches (already in memory) and calls
@@ -30,12 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from item_model import ItemModel, ItemProcessor, preset_config, train_tokenizer  # noqa: E402
-from item_model.config import PRESETS  # noqa: E402
-from item_model.train import (  # noqa: E402
-    MODEL_INPUTS, TrainConfig, build_dataset, build_optimizer, build_trainer, iter_titles, step_generator,
-    train_step,
-)
+from item_model import MODEL_INPUTS, ItemModel, ItemProcessor, preset_config, train_tokenizer  # noqa: E402
+from item_model.presets import PRESETS  # noqa: E402
+from item_model.training import TrainConfig, build_optimizer, step_generator, train_step  # noqa: E402
+from pipeline.pretrain import build_dataset, build_trainer, iter_titles  # noqa: E402
 from pipeline.sample_catalog import write_sample_catalog  # noqa: E402
 
 # dense bf16 peak of the GPUs we rent, for MFU (tensor cores, no sparsity)

@@ -9,7 +9,7 @@ Phases (each timed and printed):
   split     the catalog is split by duplicate group (--holdout 0.2, a whole group on one side): the
             pretraining rows go to OUT/train-catalog.parquet in a seeded random order; evaluation runs on
             a group-preserving sample of --limit held-out rows only.
-  train     one `item_model.train.pretrain` run per variant (item_model.config.VARIANTS), all from the same
+  train     one `pipeline.pretrain.pretrain` run per variant (item_model.config.VARIANTS), all from the same
             start (--init-from minilm), with the same rows, preset, steps, batch size, lr, warm-up and seed;
             Ray is initialised once here (local, 1 Ray Train worker, CPU). Model dirs land in
             OUT/models/<variant>; a variant whose model dir is already published at the same settings is
@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from item_model.config import PRESETS, VARIANTS  # noqa: E402
+from item_model.presets import PRESETS, VARIANTS  # noqa: E402
 from pipeline import storage  # noqa: E402
 
 DEFAULTS = dict(preset="minilm", init_from="minilm", variants="item,item_no_global,item_contrastive", steps=300,
@@ -128,7 +128,8 @@ def split_catalog(catalog: str, out: str, args: argparse.Namespace):
 
 def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
     """Pretrain each variant with identical settings; returns variant -> {dir, seconds, manifest}."""
-    from item_model.train import TrainConfig, pretrain, work_dir_for
+    from item_model.training import TrainConfig
+    from pipeline.pretrain import pretrain, work_dir_for
 
     trained = {}
     for variant in args.variants:
@@ -205,7 +206,8 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str]) -> dict
     """Inference-time choices measured on the same weights, for each of `variants` that was trained: the
     other pooling ([CLS] vs mean), and the vectors without the fitted corpus centre."""
     from item_model import load_model_dir
-    from pipeline.evaluate import loaded_model_embedder
+    from pipeline.encode import Encoder
+    from pipeline.eval_embedders import loaded_model_embedder
 
     out = {}
     for variant in [v for v in variants if v in trained]:
@@ -214,10 +216,10 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str]) -> dict
             continue
         other = "mean" if model.config.pooling == "cls" else "cls"
         model.config.pooling = other
-        out[f"{variant} ({other} pooling)"] = loaded_model_embedder(model, processor)
+        out[f"{variant} ({other} pooling)"] = loaded_model_embedder(Encoder.of(model), processor)
         model, processor = load_model_dir(trained[variant]["dir"])
         model.embedding_center.zero_()
-        out[f"{variant} (no centring)"] = loaded_model_embedder(model, processor)
+        out[f"{variant} (no centring)"] = loaded_model_embedder(Encoder.of(model), processor)
     return out
 
 
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from pipeline.eval_report import balance_table, main_table, write_report
-    from pipeline.evaluate import EvalOptions, baseline_embedders, evaluate, model_embedder
+    from pipeline.eval_embedders import baseline_embedders, model_embedder
+    from pipeline.evaluate import EvalOptions, evaluate
 
     t0 = time.perf_counter()
     catalog, split, table = split_catalog(args.catalog, args.out, args)

@@ -1,13 +1,25 @@
-"""item_model: the ITEm image-title embedding model (pure PyTorch + transformers; no Ray outside train.py)."""
+"""item_model: the ITEm image-title embedding model. Pure PyTorch + transformers: no Ray, and nothing of
+`pipeline` or `jobs` (tests/test_layers.py checks the direction of every import).
 
-from .config import PRESETS, VARIANTS, ItemConfig, preset_config
-from .model_dir import build_model, load_model_dir, read_model_version, save_model_dir
-from .modeling import ItemModel
-from .processor import ImageDecodeError, ItemProcessor, decode_image, train_tokenizer
-from .two_stream import TwoStreamModel
+Names are imported on first use, so `item_model.presets` (plain dicts) loads without transformers.
+"""
 
-__all__ = [
-    "PRESETS", "VARIANTS", "ItemConfig", "preset_config", "build_model", "ItemModel", "TwoStreamModel",
-    "ItemProcessor", "ImageDecodeError", "decode_image", "train_tokenizer",
-    "save_model_dir", "load_model_dir", "read_model_version",
-]
+import importlib
+
+_EXPORTS = {
+    "PRESETS": "presets", "VARIANTS": "presets",
+    "ItemConfig": "config", "preset_config": "config",
+    "build_model": "model_dir", "load_model_dir": "model_dir", "read_model_version": "model_dir",
+    "save_model_dir": "model_dir",
+    "ItemModel": "modeling",
+    "ImageDecodeError": "processor", "ItemProcessor": "processor", "decode_image": "processor",
+    "train_tokenizer": "processor", "MODEL_INPUTS": "processor",
+    "TwoStreamModel": "two_stream",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -23,6 +23,8 @@ PROCESSOR_FILE = "processor_config.json"
 # Pixels we agree to decode: a 60 MP photo is real, a 50,000 x 50,000 PNG of 100 KB is a decompression bomb.
 MAX_IMAGE_PIXELS = 60_000_000
 LETTERBOX_FILL = (255, 255, 255)  # catalog photos are mostly shot on white
+# the arrays ItemModel.forward / encode take, in the form ItemProcessor makes them
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
 
 
 class ImageDecodeError(ValueError):
@@ -86,10 +88,11 @@ def decode_image(data: bytes | None, size: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "truncated" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "undecodable"
         raise ImageDecodeError(reason, str(e)) from None
-    return _letterbox(_to_rgb(im), size)
+    return _letterbox(to_rgb(im), size)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode (palette, alpha, grey, 16-bit grey, CMYK) -> RGB; transparency becomes the letterbox white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits by the image's own range
         arr = np.asarray(im, dtype=np.float32)
@@ -113,6 +116,11 @@ def _letterbox(im: Image.Image, size: int) -> np.ndarray:
     canvas = Image.new("RGB", (size, size), LETTERBOX_FILL)
     canvas.paste(im, ((size - w) // 2, (size - h) // 2))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def has_title(title: object) -> bool:
+    """A title the model can read: a string with a non-space character (anything else is embedded as no title)."""
+    return isinstance(title, str) and bool(title.strip())
 
 
 class ItemProcessor:

@@ -42,7 +42,8 @@ def main(out: str, items: int, steps: int, batch_size: int, variant: str, config
     """
     import ray
 
-    from item_model.train import TrainConfig, pretrain
+    from item_model.training import TrainConfig
+    from pipeline.pretrain import pretrain
     from jobs.config import load_config
     from jobs.nightly import report_markdown, run_nightly
     from pipeline import storage

@@ -1,7 +1,6 @@
-"""Catalog reading contract: column mapping, up-front schema validation, the id pass and content hashes.
-
-Everything here reads Parquet *metadata* or single columns only; the heavy reading (titles, image
-bytes) is done by the Ray Data stages in `pipeline/embed.py`.
+"""The one catalog reader: column mapping, up-front schema validation, the id rule, the id pass and
+content hashes. Every job reads a catalog through here: `open_dataset` (pyarrow, for metadata and label
+columns), `read_rows` (Ray Data, for the heavy columns: titles and image bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from . import storage
 
 if TYPE_CHECKING:
     import pandas as pd
+    import ray.data
 
 
 class CatalogSchemaError(ValueError):
@@ -79,6 +79,15 @@ def open_dataset(uri: str) -> pds.Dataset:
     if not files:
         raise FileNotFoundError(f"catalog {uri} holds no .parquet files")
     return pds.dataset(files, filesystem=fs, format="parquet")
+
+
+def read_rows(uri: str, columns: list[str]) -> "ray.data.Dataset":
+    """The catalog's `columns` as a Ray dataset, over the same files as `open_dataset` (sorted; `_`- and
+    `.`-prefixed paths are not data)."""
+    import ray.data
+
+    fs, _ = arrow_filesystem(uri)
+    return ray.data.read_parquet(open_dataset(uri).files, filesystem=fs, columns=columns)
 
 
 def _is_string(t: pa.DataType) -> bool:

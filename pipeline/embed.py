@@ -1,10 +1,10 @@
 """The embedding job: catalog Parquet -> validate -> decode/tokenise (CPU tasks) -> encode (actor pool) ->
 embedding table + rejects table, published atomically with its manifest.
 
-    read_parquet(needed columns)          Ray read tasks
-      -> Preprocess                       CPU tasks: validate rows, hash, tokenise, decode (uint8 pixels)
-      -> Encoder                          actor pool: model loaded once per actor, GPU (bf16) or CPU
-      -> driver: iter_batches             split by `status` into part files: embeddings, rejects
+    catalog.read_rows(needed columns)     Ray read tasks
+      -> rows.Preprocess                  CPU tasks: validate rows, hash, tokenise, decode (uint8 pixels)
+      -> encode.Encoder                   actor pool: model loaded once per actor, GPU (bf16) or CPU
+      -> driver: iter_batches             split by `status` into part files (ParquetWriter): embeddings, rejects
     + unchanged rows (--previous)         copied from the previous table, never re-encoded
     -> storage.publish(staging, OUT)      `_manifest.json` last: the commit point
 
@@ -21,30 +21,28 @@ table: the first occurrence (sorted file order, then row order) is embedded, eve
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
-from item_model import ImageDecodeError, ItemProcessor, decode_image, load_model_dir, read_model_version
+from item_model import read_model_version
 
 from . import storage
-from .catalog import ColumnMap, arrow_filesystem, content_hash, duplicate_ids, id_as_string, open_dataset, validate_schema
+from .catalog import ColumnMap, arrow_filesystem, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
+from .encode import Encoder
+from .rows import OK, REJECT, UNCHANGED, Preprocess
 
 log = logging.getLogger(__name__)
 
-OK, REJECT, UNCHANGED = "ok", "reject", "unchanged"
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+ROW_GROUP_ROWS = 8192  # rows per Parquet row group of the output tables
 REJECTS_DIR = "_rejects"  # inside OUT: Parquet readers skip `_`-prefixed paths, publish moves it with OUT
 
 EMBEDDING_COLUMNS = ("item_id", "embedding", "modalities", "content_hash", "model_version", "embedded_at")
@@ -84,230 +82,65 @@ class EmbedOptions:
     run_id: str | None = None  # names the staging dir; random when None
 
 
-# --- preprocess (CPU) ------------------------------------------------------------------------------
-
-
-def _is_usable_title(title: Any) -> bool:
-    return isinstance(title, str) and bool(title.strip())
-
-
-def _fetch(uri: str) -> bytes:
-    fs, path = storage.get_fs(uri)
-    return fs.cat_file(path)
-
-
-class Preprocess:
-    """Catalog rows -> model inputs (numpy) plus each row's status, reason, modalities and content hash.
-
-    Rows whose id is in `drop_ids` are left out of the output (the driver handles duplicated ids);
-    rows whose (id, content hash) is in `previous` are marked unchanged and not decoded.
-    """
-
-    def __init__(
-        self,
-        model_dir: str,
-        columns: ColumnMap,
-        drop_ids: frozenset[str] | set[str] = frozenset(),
-        previous: Mapping[str, str] | None = None,
-    ) -> None:
-        self.processor = ItemProcessor.from_pretrained(model_dir)
-        self.columns = columns
-        self.drop_ids = drop_ids
-        self.previous = previous or {}
-
-    def _image_bytes(self, table: pa.Table) -> tuple[list[bytes | None], list[str]]:
-        """Inline bytes, or bytes fetched from `image_uri` (a failed fetch is an unusable image)."""
-        n = table.num_rows
-        if self.columns.image in table.column_names:
-            return table.column(self.columns.image).to_pylist(), [""] * n
-        images: list[bytes | None] = []
-        errors: list[str] = []
-        for uri in table.column(self.columns.image_uri).to_pylist():
-            if not uri:
-                images.append(None)
-                errors.append("")
-                continue
-            try:
-                images.append(_fetch(uri))
-                errors.append("")
-            except Exception as e:  # any storage error: the row continues without its image
-                images.append(None)
-                errors.append(f"fetch_failed: {type(e).__name__}: {e}")
-        return images, errors
-
-    def __call__(self, batch: pa.Table | Mapping[str, Sequence]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        table = batch if isinstance(batch, pa.Table) else pa.table({k: list(v) for k, v in batch.items()})
-        ids = id_as_string(table.column(self.columns.item_id)).to_pylist()
-        keep = [i for i, item_id in enumerate(ids) if item_id not in self.drop_ids]
-        if len(keep) < len(ids):
-            table = table.take(keep)
-            ids = [ids[i] for i in keep]
-        titles = table.column(self.columns.title).to_pylist()
-        images, fetch_errors = self._image_bytes(table)
-        n, size = len(ids), self.processor.image_size
-
-        out_id, status, reason, detail, hashes, modalities, image_error = ([""] * n for _ in range(7))
-        pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-        has_image = np.zeros(n, dtype=bool)
-        for i in range(n):
-            item_id, title, image = ids[i], titles[i], images[i]
-            if not item_id:  # null or "" id: nothing downstream could refer to the row
-                status[i], reason[i], detail[i] = REJECT, "null_id", "" if item_id is None else "empty string id"
-                continue
-            out_id[i] = item_id
-            hashes[i] = content_hash(title, image)
-            if self.previous.get(item_id) == hashes[i]:
-                status[i] = UNCHANGED
-                continue
-            if fetch_errors[i]:
-                image_error[i] = fetch_errors[i]
-            elif image is not None:
-                try:
-                    pixels[i] = decode_image(image, size)
-                    has_image[i] = True
-                except ImageDecodeError as e:
-                    image_error[i] = str(e)
-            with_title = _is_usable_title(title)
-            if with_title or has_image[i]:
-                status[i] = OK
-                modalities[i] = "image+title" if with_title and has_image[i] else "title" if with_title else "image"
-            elif image_error[i]:
-                status[i], reason[i], detail[i] = REJECT, "unusable_image_no_title", image_error[i]
-            else:
-                status[i], reason[i], detail[i] = REJECT, "no_content", "no title and no image"
-
-        tokens = self.processor.tokenize([t if _is_usable_title(t) else "" for t in titles])
-        elapsed = time.perf_counter() - start
-        obj = lambda xs: np.array(xs, dtype=object)  # noqa: E731 - strings stay Python strings for Arrow
-        return {
-            "item_id": obj(out_id), "status": obj(status), "stage": obj(["preprocess"] * n),
-            "reason": obj(reason), "detail": obj(detail), "content_hash": obj(hashes),
-            "modalities": obj(modalities), "image_error": obj(image_error),
-            **tokens, "pixel_values": pixels, "has_image": has_image,
-            "_preprocess_s": np.full(n, elapsed / max(n, 1)),
-        }
-
-
-# Ray runs preprocess as tasks; a worker process keeps one Preprocess per job so that the tokenizer is
-# loaded once per worker, not once per batch.
-_PREPROCESS_CACHE: dict[str, Preprocess] = {}
-
-
-def _preprocess_task(batch: pa.Table, *, key: str, model_dir: str, columns: ColumnMap, lookups: Any) -> dict:
-    import ray
-
-    if key not in _PREPROCESS_CACHE:
-        drop_ids, previous = ray.get(lookups) if isinstance(lookups, ray.ObjectRef) else lookups
-        if len(_PREPROCESS_CACHE) >= 4:  # a long-lived worker serves several jobs: keep the last few
-            _PREPROCESS_CACHE.pop(next(iter(_PREPROCESS_CACHE)))
-        _PREPROCESS_CACHE[key] = Preprocess(model_dir, columns, drop_ids, previous)
-    return _PREPROCESS_CACHE[key](batch)
-
-
-# --- encode (GPU or CPU actor) ---------------------------------------------------------------------
-
-
-class Encoder:
-    """Loads the model dir once; `__call__(batch) -> batch` adds `embedding` [B, D] float32 for the rows
-    with status ok (zeros elsewhere) and drops the model inputs. GPU: bf16 autocast, pinned memory,
-    non-blocking copies. CPU: fp32, `num_threads` torch threads."""
-
-    def __init__(self, model_dir: str, device: str | None = None, num_threads: int | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.model, _ = load_model_dir(model_dir, self.device)
-        self.dim = self.model.embedding_dim
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        if not array.flags.writeable or not array.flags.c_contiguous:  # Ray hands out read-only views
-            array = np.ascontiguousarray(array).copy()
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
-    def encode(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Model inputs (numpy, as Preprocess made them) -> [B, D] float32 unit vectors."""
-        tensors = {k: self._to_device(inputs[k]) for k in MODEL_INPUTS}
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            return self.model.encode(**tensors).float().cpu().numpy()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        ok = np.asarray(batch["status"] == OK)
-        n = len(ok)
-        embedding = np.zeros((n, self.dim), dtype=np.float32)
-        if ok.all():
-            embedding[:] = self.encode(batch)
-        elif ok.any():
-            rows = np.flatnonzero(ok)
-            embedding[rows] = self.encode({k: batch[k][rows] for k in MODEL_INPUTS})
-        out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
-        out["embedding"] = embedding
-        out["_encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
-        return out
-
-
-def embed_listing(model_dir: str, title: str | None, image: bytes | None) -> np.ndarray:
-    """One listing (not in any catalog) -> [1, D], exactly as the job would embed it.
-
-    Raises ValueError when it has neither a usable title nor a usable image (the job would reject it).
-    """
-    processor = ItemProcessor.from_pretrained(model_dir)
-    inputs = processor([title if _is_usable_title(title) else ""], [image])
-    if not _is_usable_title(title) and not inputs["has_image"][0]:
-        reason = inputs["image_error"][0] or "no image"
-        raise ValueError(f"the listing has no usable title and no usable image ({reason})")
-    return Encoder(model_dir, device="cpu").encode(inputs)
-
-
 # --- write (driver, streaming) ---------------------------------------------------------------------
 
 
 class _PartWriter:
-    """Buffers Arrow tables and writes `part-00000-<token>.parquet`, ... (storage.part_name of `stage`) of
-    about `rows_per_file` rows each into `dir_uri` (the stage or a folder of it)."""
+    """Streams Arrow tables into `part-00000-<token>.parquet`, ... (storage.part_name of `stage`) of at most
+    `rows_per_file` rows each in `dir_uri`, through pyarrow's ParquetWriter: rows are buffered only up to
+    one row group (ROW_GROUP_ROWS), never a whole file."""
 
     def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int, stage: str) -> None:
         self.stage = stage
         self.fs, self.path = arrow_filesystem(dir_uri)
         self.fs.create_dir(self.path, recursive=True)
         self.schema, self.rows_per_file = schema, rows_per_file
+        self.group_rows = min(ROW_GROUP_ROWS, rows_per_file)
         self.buffer: list[pa.Table] = []
         self.buffered = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.in_file = 0  # rows written to the open file
         self.files: list[str] = []
-        self.rows = 0
+        self.rows = 0  # rows written to files
         self.seconds = 0.0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
             self.buffer.append(table.cast(self.schema))
             self.buffered += table.num_rows
-        while self.buffered >= self.rows_per_file:
-            self._flush(self.rows_per_file)
+        while self.buffered >= min(self.group_rows, self.rows_per_file - self.in_file):
+            self._write(min(self.group_rows, self.rows_per_file - self.in_file))
 
-    def _flush(self, rows: int) -> None:
+    def _write(self, rows: int) -> None:
+        """Write the next `rows` buffered rows as one row group, opening a new file when none is open."""
         start = time.perf_counter()
+        if self.writer is None:
+            name = storage.part_name(self.stage, f"part-{len(self.files):05d}.parquet")
+            self.writer = pq.ParquetWriter(f"{self.path}/{name}", self.schema, filesystem=self.fs)
+            self.files.append(name)
         table = pa.concat_tables(self.buffer)
         head, rest = table.slice(0, rows), table.slice(rows)
-        name = storage.part_name(self.stage, f"part-{len(self.files):05d}.parquet")
-        pq.write_table(head, f"{self.path}/{name}", filesystem=self.fs)
-        self.files.append(name)
+        self.writer.write_table(head)
+        self.in_file += head.num_rows
         self.rows += head.num_rows
         self.buffer, self.buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        if self.in_file >= self.rows_per_file:
+            self.writer.close()
+            self.writer, self.in_file = None, 0
         self.seconds += time.perf_counter() - start
 
     def close(self) -> list[str]:
         """Write what is left; an empty table still gets one (empty) part file, so it has a schema."""
-        if self.buffered or not self.files:
-            if not self.buffer:
-                self.buffer = [self.schema.empty_table()]
-            self._flush(self.buffered)
+        if self.buffered:
+            self._write(self.buffered)
+        if not self.files:
+            self.buffer = [self.schema.empty_table()]
+            self._write(0)
+        if self.writer is not None:
+            start = time.perf_counter()
+            self.writer.close()
+            self.writer = None
+            self.seconds += time.perf_counter() - start
         return self.files
 
 
@@ -372,22 +205,10 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     winners, dup_rejects = _split_duplicates(catalog_uri, columns, needed, dup) if dup else (None, None)
     timings["validate_s"] = time.perf_counter() - wall_start
 
-    files = open_dataset(catalog_uri).files
-    fs, _ = arrow_filesystem(catalog_uri)
-    # unique per call, never the run id: two jobs with one run id (two catalogs' nightlies for one date on a
-    # long-lived cluster) would otherwise share a worker's cached Preprocess, its column map and lookups
-    key = uuid.uuid4().hex
-    lookups = ray.put((frozenset(dup), previous))
-    prep_kwargs = dict(key=key, model_dir=model_dir, columns=columns)
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=needed).map_batches(
-        _preprocess_task, fn_kwargs={**prep_kwargs, "lookups": lookups},
-        batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1,
-    )
+    prepare = dict(batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1)
+    ds = read_rows(catalog_uri, needed).map_batches(Preprocess(model_dir, columns, frozenset(dup), previous), **prepare)
     if winners is not None and winners.num_rows:
-        ds = ds.union(ray.data.from_arrow(winners).map_batches(
-            _preprocess_task, fn_kwargs={**prep_kwargs, "key": key + "-dup", "lookups": (frozenset(), previous)},
-            batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1,
-        ))
+        ds = ds.union(ray.data.from_arrow(winners).map_batches(Preprocess(model_dir, columns, previous=previous), **prepare))
     ds = ds.map_batches(
         Encoder,
         fn_constructor_kwargs=dict(
@@ -440,8 +261,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
         pipeline_s = time.perf_counter() - pipeline_start
 
         if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
-            model, _ = load_model_dir(model_dir, "cpu")
-            embeddings = _PartWriter(stage, embedding_schema(model.embedding_dim), options.rows_per_file, stage)
+            embeddings = _PartWriter(stage, embedding_schema(Encoder(model_dir, "cpu").dim), options.rows_per_file, stage)
         embedded = embeddings.rows + embeddings.buffered
         carried = _carry_over(options.previous, unchanged, embeddings) if unchanged else 0
         if carried != len(unchanged):

@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display: runs headless on any worker
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
-from pipeline.evaluate import MAX_K, RELIST_FAMILIES, VARIANTS, EvalResults  # noqa: E402
+from pipeline.eval_metrics import MAX_K  # noqa: E402
+from pipeline.evaluate import RELIST_FAMILIES, VARIANTS, EvalResults  # noqa: E402
 
 # column header -> metric key in ModelResult.metrics["full"]
 MAIN_COLUMNS: dict[str, str] = {

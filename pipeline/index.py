@@ -20,7 +20,6 @@ import math
 import os
 import re
 import tempfile
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ import pyarrow.parquet as pq
 from pipeline import storage
 
 METRIC = "inner_product"
-RECALL_K = 10
 
 # Thresholds of `choose_index_spec` (after autofaiss's index selection), in vectors.
 FLAT_MAX_N = 20_000  # below this an exact scan is as fast as any index and needs no training
@@ -42,13 +40,6 @@ HNSW_MAX_N = 200_000  # above this HNSW's build (graph insertion, ~n log n) is s
 HNSW_M = 32  # graph degree: HNSW costs 4d + 2*M*4 bytes per vector
 IVF_TRAIN_PER_CENTROID = 39  # FAISS's own minimum for k-means (it warns below this)
 MEMORY_HEADROOM = 1.2  # list/graph overheads and search buffers on top of the codes
-TUNE_MARGIN = 0.01  # ~2 standard errors of the gap between recall@10 on 500 tuning and 1,000 eval queries
-REFINE_K_FACTORS = (4, 16)  # re-rank k_factor * k fast-scan candidates exactly
-
-# Search parameter candidates tried by `tune_search_param`, cheapest first.
-NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
 
 class IndexFilesError(RuntimeError):
     """A shard file of an index dir is missing, unreadable, or disagrees with its id map."""
@@ -131,7 +122,7 @@ def choose_index_spec(n: int, d: int, memory_budget_bytes: int) -> str:
 def train_empty_index(spec: str, sample: np.ndarray, seed: int) -> faiss.Index:
     """An empty index of `spec` (inner product), trained on `sample` [S, D] with a seeded k-means."""
     index = faiss.index_factory(sample.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    ivf = _ivf_or_none(index)
+    ivf = ivf_or_none(index)
     if ivf is not None:
         ivf.cp.seed = seed
     pq_ = _pq_or_none(index)
@@ -203,7 +194,7 @@ def _read_index(uri: str, spec: str, cache_dir: str) -> faiss.Index:
 # --- search parameters -----------------------------------------------------------------------------
 
 
-def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
+def ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -211,13 +202,13 @@ def _ivf_or_none(index: faiss.Index) -> faiss.IndexIVF | None:
 
 
 def _pq_or_none(index: faiss.Index) -> faiss.ProductQuantizer | None:
-    ivf = _ivf_or_none(index)
+    ivf = ivf_or_none(index)
     return getattr(ivf, "pq", None) if ivf is not None else None
 
 
 def search_param_name(index: faiss.Index) -> str | None:
     """The parameter that trades speed for recall: 'nprobe' (IVF), 'efSearch' (HNSW), or None (exact)."""
-    if _ivf_or_none(index) is not None:
+    if ivf_or_none(index) is not None:
         return "nprobe"
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
         return "efSearch"
@@ -251,6 +242,8 @@ class ShardedIndex:
     def __init__(self, shards: list[IndexShard], dim: int, search_params: dict[str, int] | None = None):
         self.shards = shards
         self.dim = dim
+        self._bases = np.cumsum([0] + [s.index.ntotal for s in shards[:-1]]).astype(np.int64)
+        self._item_ids = np.concatenate([s.item_ids for s in shards]) if shards else np.zeros(0, dtype=object)
         self.search_params: dict[str, int] = {}
         self.set_search_params(search_params or {})
 
@@ -324,22 +317,17 @@ class ShardedIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
         coarse = self._coarse_assignment(queries)
-        scores, shard_no, rows = [], [], []
-        for s, shard in enumerate(self.shards):
+        # FAISS's own result merge: a min-heap of the k best per query over every shard's top-k, on global
+        # row numbers (a shard's row r is base[s] + r); then the id maps turn rows into item ids
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        for shard, base in zip(self.shards, self._bases):
             d, i = shard.index.search(queries, k) if coarse is None else shard.index.search_preassigned(queries, k, *coarse)
-            scores.append(np.where(i < 0, -np.inf, d))
-            shard_no.append(np.full_like(i, s))
-            rows.append(i)
-        scores_all = np.concatenate(scores, axis=1)  # [Q, S*k]
-        top = np.argsort(-scores_all, axis=1, kind="stable")[:, :k]  # [Q, k]
-        top_scores = np.take_along_axis(scores_all, top, axis=1)
-        top_shard = np.take_along_axis(np.concatenate(shard_no, axis=1), top, axis=1)
-        top_rows = np.take_along_axis(np.concatenate(rows, axis=1), top, axis=1)
-        ids = np.full(top.shape, None, dtype=object)
-        for s, shard in enumerate(self.shards):
-            hit = (top_shard == s) & (top_rows >= 0)
-            ids[hit] = shard.item_ids[top_rows[hit]]
-        return np.where(np.isfinite(top_scores), top_scores, np.nan).astype(np.float32), ids
+            heap.add_result(d, np.where(i < 0, -1, i + base))
+        heap.finalize()
+        found = heap.I >= 0
+        ids = np.full(heap.I.shape, None, dtype=object)
+        ids[found] = self._item_ids[heap.I[found]]
+        return np.where(found, heap.D, np.nan).astype(np.float32), ids
 
 
 def _check_same_quantizer(shards: list[IndexShard], fix: str) -> None:
@@ -356,74 +344,3 @@ def _check_same_quantizer(shards: list[IndexShard], fix: str) -> None:
 def _first_line(e: Exception) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
-
-
-# --- recall and tuning -----------------------------------------------------------------------------
-
-
-def measure_recall(found_ids: np.ndarray, true_ids: np.ndarray, k: int = RECALL_K,
-                   exclude: np.ndarray | None = None) -> float:
-    """Recall@k: mean over queries of |found top-k ∩ exact top-k| / k.
-
-    With `exclude` (the queries' own item ids, when the queries are vectors of the index), each query's
-    own id is removed from both lists first: it is always found and would inflate recall by up to 1/k.
-    Give k + 1 columns of each then, so that k real neighbours remain.
-    """
-    found, true = found_ids.tolist(), true_ids.tolist()
-    if exclude is not None:
-        found = [[i for i in row if i != own][:k] for row, own in zip(found, exclude.tolist())]
-        true = [[i for i in row if i != own][:k] for row, own in zip(true, exclude.tolist())]
-    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found, true))
-    return hits / (k * len(true))
-
-
-def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, item_ids: np.ndarray, k: int = RECALL_K) -> np.ndarray:
-    """Item ids [Q, k] of the exact inner-product top-k (FAISS brute force, blocked over the base)."""
-    _, rows = faiss.knn(np.ascontiguousarray(queries), np.ascontiguousarray(vectors), k, metric=faiss.METRIC_INNER_PRODUCT)
-    return item_ids[rows]
-
-
-def tune_search_param(
-    index: ShardedIndex, queries: np.ndarray, true_ids: np.ndarray, min_recall: float, k: int = RECALL_K,
-    exclude: np.ndarray | None = None,
-) -> tuple[dict[str, int], list[dict]]:
-    """The cheapest search parameter whose recall@k on `queries` reaches `min_recall`.
-
-    Cost grows with nprobe / efSearch, so the first value in the grid that reaches the recall has the best
-    batch throughput. The first value reaching min_recall + TUNE_MARGIN is preferred, so that the build's
-    independent held-back measurement does not fall just under min_recall by sampling noise. Returns (params, trials [{<params>, recall, qps}]) and leaves `index` set to
-    params. Raises RecallTooLowError when no value reaches `min_recall`.
-    """
-    name = search_param_name(index.shards[0].index)
-    if name == "nprobe":
-        nlist = _ivf_or_none(index.shards[0].index).nlist
-        grid = [{name: v} for v in NPROBE_GRID if v < nlist] + [{name: nlist}]
-    elif name == "efSearch":
-        grid = [{name: max(v, k)} for v in EF_SEARCH_GRID]
-    else:
-        grid = [{}]
-    if isinstance(faiss.downcast_index(index.shards[0].index), faiss.IndexRefine):
-        # more candidates to re-rank is the other knob; try the cheap end of both first
-        grid = [{"k_factor": f, **g} for f in REFINE_K_FACTORS for g in grid]
-    target = min(1.0, min_recall + TUNE_MARGIN)
-    trials = []
-    for params in grid:
-        index.set_search_params(params)
-        start = time.perf_counter()
-        _, found = index.search(queries, k if exclude is None else k + 1)
-        qps = len(queries) / max(time.perf_counter() - start, 1e-9)
-        recall = measure_recall(found, true_ids, k, exclude)
-        trials.append({**params, "recall": round(recall, 4), "qps": round(qps, 1)})
-        if recall >= target:
-            return params, trials
-    reached = [t for t in trials if t["recall"] >= min_recall]
-    if reached:  # the margin is out of reach, the recall itself is not
-        params = {name: v for name, v in reached[0].items() if name not in ("recall", "qps")}
-        index.set_search_params(params)
-        return params, trials
-    best = max(trials, key=lambda t: t["recall"])
-    best_params = ", ".join(f"{n}={v}" for n, v in best.items() if n not in ("recall", "qps")) or "exact"
-    raise RecallTooLowError(
-        f"the index reaches recall@{k} {best['recall']:.3f} at best ({best_params}), under the required "
-        f"{min_recall}. Use a less compressed index (--index, or a larger --memory-budget), or lower --min-recall."
-    )

@@ -12,6 +12,7 @@ import numpy as np
 import ray
 
 from pipeline import index as ix
+from pipeline import index_tuning as tuning
 from pipeline import storage
 
 log = logging.getLogger(__name__)
@@ -76,19 +77,19 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
         step = time.perf_counter()
         index = ix.ShardedIndex.open(stage, shards, d, spec, {})
         # the queries are vectors of the index: their own ids are left out of both lists (real neighbours only)
-        k1 = ix.RECALL_K + 1
-        tune_truth = ix.exact_neighbours(vectors[tune_rows], vectors, ids, k1)
-        params, trials = ix.tune_search_param(index, vectors[tune_rows], tune_truth, config.min_recall,
+        k1 = tuning.RECALL_K + 1
+        tune_truth = tuning.exact_neighbours(vectors[tune_rows], vectors, ids, k1)
+        params, trials = tuning.tune_search_param(index, vectors[tune_rows], tune_truth, config.min_recall,
                                               exclude=ids[tune_rows])
         timings["tune_s"] = time.perf_counter() - step
         log.info("tuned %s in %.1f s: %s", params, timings["tune_s"], trials)
 
-        eval_truth = ix.exact_neighbours(vectors[eval_rows], vectors, ids, k1)
+        eval_truth = tuning.exact_neighbours(vectors[eval_rows], vectors, ids, k1)
         _, found = index.search(vectors[eval_rows], k1)
-        recall = ix.measure_recall(found, eval_truth, exclude=ids[eval_rows])
+        recall = tuning.measure_recall(found, eval_truth, exclude=ids[eval_rows])
         if recall < config.min_recall:
             raise ix.RecallTooLowError(
-                f"recall@{ix.RECALL_K} on {len(eval_rows)} held-back queries is {recall:.4f} with {params}, under "
+                f"recall@{tuning.RECALL_K} on {len(eval_rows)} held-back queries is {recall:.4f} with {params}, under "
                 f"the required {config.min_recall} (tuning queries reached it: try more --tune-queries, a less "
                 "compressed index, or a lower --min-recall). Nothing was published."
             )
@@ -104,7 +105,7 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
             "shards": shards,
             "search_params": params,
             "tuning": trials,
-            f"recall_at_{ix.RECALL_K}": round(recall, 4),  # real neighbours: each query's own id left out
+            f"recall_at_{tuning.RECALL_K}": round(recall, 4),  # real neighbours: each query's own id left out
             "n_queries": int(len(eval_rows)),
             "build_seconds": round(timings["total_s"], 2),
             "timings": {k: round(v, 2) for k, v in timings.items()},

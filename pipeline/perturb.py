@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from item_model.processor import to_rgb
+
 # Words sellers shorten; keys are lower-case, values are the shortened spellings seen in the wild.
 ABBREVIATIONS: dict[str, tuple[str, ...]] = {
     "black": ("blk",),
@@ -255,7 +257,7 @@ def relist_image(
         img.load()
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"relist_image: input is not a decodable image ({err}); filter bad rows first") from err
-    img = _to_rgb(ImageOps.exif_transpose(img))
+    img = to_rgb(ImageOps.exif_transpose(img))
     for name, fn in IMAGE_PERTURBATIONS.items():
         if name in selected and rng.random() < cfg.apply_prob:
             img = fn(img, rng, cfg)
@@ -320,16 +322,6 @@ def _match_case(word: str, like: str) -> str:
     if like.isupper():
         return word.upper()
     return word.capitalize() if like[:1].isupper() else word
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Flatten any mode (palette, alpha, grey, CMYK) to RGB; transparency becomes white."""
-    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    return img.convert("RGB")
 
 
 def _encode_jpeg(img: Image.Image, quality: int) -> bytes:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from pipeline import storage
 from pipeline.backfill import backfill_categories, predict, vote
 from pipeline.index import IndexShard, ShardedIndex
-from pipeline.cli import main
+from jobs.cli import main
 
 
 def test_vote_is_similarity_weighted_and_ignores_unlabelled():

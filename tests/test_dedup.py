@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import storage
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.dedup import NeighbourPairs, calibrate_threshold, cluster_pairs, cluster_quality, find_duplicate_pairs
 
 

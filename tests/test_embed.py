@@ -15,7 +15,9 @@ import pytest
 from item_model import load_model_dir
 from pipeline import storage
 from pipeline.catalog import CatalogSchemaError, ColumnMap
-from pipeline.embed import REJECTS_DIR, Encoder, EmbedOptions, Preprocess, run_embed
+from pipeline.embed import REJECTS_DIR, EmbedOptions, run_embed
+from pipeline.encode import Encoder
+from pipeline.rows import Preprocess
 from pipeline.sample_catalog import EXPECTED_OUTCOME, make_sample_catalog, write_sample_catalog
 
 CATALOG_ROWS = 150
@@ -235,7 +237,7 @@ def test_s3_round_trip(ray_local, s3_env, catalog, tiny_model_dir) -> None:
 def test_cli_embed_help_and_errors(tiny_model_dir, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from jobs.cli import main
 
     runner = CliRunner()
     help_text = runner.invoke(main, ["embed", "--help"]).output

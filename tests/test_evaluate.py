@@ -11,25 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from item_model import ItemModel, ItemProcessor, preset_config, save_model_dir, train_tokenizer
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.eval_report import PLOTS, write_report
-from pipeline.evaluate import (
-    EvalOptions,
-    blank_inputs,
-    esp_natural,
-    esp_relisting,
-    evaluate,
-    knn_vote_loo,
-    limit_rows,
-    linear_probe,
-    macro_f1,
-    make_relistings,
-    model_embedder,
-    modality_movement,
-    phash_embedder,
-    read_catalog,
-    tfidf_embedder,
-)
+from pipeline.eval_embedders import model_embedder, phash_embedder, tfidf_embedder
+from pipeline.eval_metrics import esp_natural, esp_relisting, knn_vote_loo, linear_probe, macro_f1, modality_movement
+from pipeline.evaluate import EvalOptions, blank_inputs, evaluate, limit_rows, make_relistings, read_catalog
 from pipeline.perturb import RelistConfig
 from pipeline.sample_catalog import make_sample_catalog
 

@@ -12,17 +12,17 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import storage
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.index import (
     IndexFilesError,
     RecallTooLowError,
     ShardedIndex,
     choose_index_spec,
-    measure_recall,
     shard_of,
     write_index,
 )
 from pipeline.index_build import IndexBuildConfig, build_index
+from pipeline.index_tuning import measure_recall
 
 GiB = 2**30
 

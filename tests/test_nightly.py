@@ -142,7 +142,7 @@ def test_killed_run_resumes_to_the_same_outputs(day1, tmp_path):
     config, _ = day1
     runs = str(tmp_path / "runs")
     cfg = write_config(tmp_path / "nightly.yaml", config.catalog, config.model_dir, runs)
-    cmd = [sys.executable, "-m", "pipeline.cli", "nightly", "--config", cfg, "--date", "2026-11-20"]
+    cmd = [sys.executable, "-m", "jobs.cli", "nightly", "--config", cfg, "--date", "2026-11-20"]
     env = {**os.environ, "PYTHONPATH": REPO, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     index_manifest = os.path.join(runs, "dt=2026-11-20", "index", storage.MANIFEST)
@@ -210,7 +210,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path, change, message):
 def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from jobs.cli import main
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("catalog: c\nmodel_dir: m\noutput_root: o\nindex:\n  shards: two\n")
@@ -244,8 +244,8 @@ def test_search_a_new_listing_by_title_and_image(day1, tmp_path):
     embedded it, and searched over all shards."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
-    from pipeline.embed import embed_listing
+    from jobs.cli import main
+    from pipeline.encode import embed_listing
     from pipeline.index import read_embedding_table
 
     config, _ = day1

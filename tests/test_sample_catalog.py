@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.sample_catalog import (
     CATEGORIES,
     DEFECTS,

@@ -1,4 +1,5 @@
-"""The `item-pipeline` command line: thin click commands over the pipeline library."""
+"""The `item-pipeline` command line: thin click commands over the pipeline library and the jobs (the top
+floor of the layers: item_model <- pipeline <- jobs <- this)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,9 @@ import sys
 import click
 import numpy as np
 
+from item_model.presets import PRESETS, VARIANTS
 from pipeline.index import IndexFilesError, RecallTooLowError
-from pipeline.sample_catalog import summarize_catalog, write_sample_catalog
 
-# item_model.config.VARIANTS and PRESETS, spelled out so that the CLI starts without importing
-# transformers; tests/test_train.py checks that they agree
-MODEL_VARIANTS = ("item", "item_no_global", "item_contrastive", "title_only", "image_only", "two_stream")
-MODEL_PRESETS = ("tiny", "small", "minilm", "base")
 IEC = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -71,6 +68,8 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 
         item-pipeline make-sample-catalog sample.parquet --items 2000 --seed 0
     """
+    from pipeline.sample_catalog import summarize_catalog, write_sample_catalog  # PIL, numpy: only here
+
     try:
         table = write_sample_catalog(out, n_items, seed, rows_per_file=rows_per_file)
     except (FileExistsError, ValueError) as err:
@@ -82,10 +81,10 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @main.command(name="pretrain")
 @click.argument("catalog")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(MODEL_PRESETS), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Model size preset (item_model.config.PRESETS) [default: the start's (minilm for "
                    "--init-from minilm), else small].")
-@click.option("--variant", type=click.Choice(MODEL_VARIANTS), default="item", show_default=True,
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default="item", show_default=True,
               help="Model variant (item_model.config.VARIANTS): the full ITEm model or one of the "
                    "baselines of EVALUATION.md, trained by the same loop.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -110,15 +109,13 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.option("--overwrite", is_flag=True, help="Discard a previous run and model dir at OUT_DIR and start again.")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=2, show_default=True,
               help="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
-@click.option("--id-column", default="item_id", show_default=True, help="Catalog column with the item id.")
-@click.option("--title-column", default="title", show_default=True, help="Catalog column with the title.")
-@click.option("--image-column", default="image", show_default=True, help="Catalog column with encoded image bytes.")
+@click.option("--column-map", default=None,
+              help="Catalog column names, e.g. id=sku,title=name,image=photo (keys: id, title, image, image_uri).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, masking and image swaps.")
 def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, workers: int, gpu: bool, steps: int,
              batch_size: int, lr: float, warmup_steps: int | None, checkpoint_every: int, init_from: str | None,
              fresh_lr_scale: float, resume: bool,
-             overwrite: bool, max_failures: int, id_column: str, title_column: str, image_column: str,
-             seed: int) -> None:
+             overwrite: bool, max_failures: int, column_map: str | None, seed: int) -> None:
     """Pretrain an ITEm model on CATALOG (Parquet file/dir, local or s3://) into the model dir OUT_DIR.
 
     Runs on the local machine or on the Ray cluster this process is attached to (RAY_ADDRESS), with no
@@ -135,10 +132,9 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
     import ray
     import ray.train
 
-    from item_model.train import TrainConfig
-    from item_model.train import pretrain as run_pretrain
-
     from item_model.starts import NAMED_STARTS
+    from item_model.training import TrainConfig
+    from pipeline.pretrain import pretrain as run_pretrain
 
     named = NAMED_STARTS.get(init_from or "")
     preset = preset or (named.preset if named else "small")
@@ -146,7 +142,7 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
         preset=preset, variant=variant, steps=steps, batch_size=batch_size, lr=lr, fresh_lr_scale=fresh_lr_scale,
         warmup_steps=warmup_steps if warmup_steps is not None else steps // 10,
         checkpoint_every=checkpoint_every, num_workers=workers, use_gpu=gpu, max_failures=max_failures,
-        init_from=init_from, seed=seed, id_column=id_column, title_column=title_column, image_column=image_column,
+        init_from=init_from, seed=seed, columns=_column_overrides(column_map),
     )
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
@@ -270,7 +266,7 @@ def search(index, item_id, vector_file, title, image_path, k, as_json):
             if not len(ids):
                 raise ValueError(f"item {item_id!r} is not in the embedding table {embeddings}")
         elif new_listing:
-            from pipeline.embed import embed_listing
+            from pipeline.encode import embed_listing
 
             image = open(image_path, "rb").read() if image_path else None
             vectors = embed_listing(storage.read_manifest(index)["model_dir"], title, image)
@@ -458,7 +454,8 @@ def evaluate_command(catalog: str, out_dir: str, models: tuple[str, ...], baseli
             --group-col dup_group --label-col articleType
     """
     from pipeline.eval_report import main_table, write_report  # matplotlib only for this command
-    from pipeline.evaluate import EvalOptions, baseline_embedders, evaluate, model_embedder, read_catalog
+    from pipeline.eval_embedders import baseline_embedders, model_embedder
+    from pipeline.evaluate import EvalOptions, evaluate, read_catalog
 
     if os.path.exists(out_dir):
         raise click.ClickException(f"{out_dir} already exists; choose a new OUT_DIR (nothing is overwritten)")
@@ -481,6 +478,17 @@ def evaluate_command(catalog: str, out_dir: str, models: tuple[str, ...], baseli
     os.rename(staging, out_dir)
     click.echo(main_table(results))
     click.echo(f"report: {os.path.join(out_dir, 'report.md')} (wall time {results.info['wall_s']} s)")
+
+
+def _column_overrides(spec: str | None) -> dict[str, str]:
+    """--column-map -> the ColumnMap fields that differ from the catalog contract's names."""
+    from pipeline.catalog import ColumnMap
+
+    try:
+        columns = ColumnMap.parse(spec)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--column-map") from err
+    return {k: v for k, v in columns.to_dict().items() if v != getattr(ColumnMap(), k)}
 
 
 def _name_value(text: str) -> tuple[str, str]:

@@ -1,10 +1,10 @@
-"""Distributed ITEm pretraining on Ray Train: catalog -> Ray Data preprocessing -> TorchTrainer -> model dir.
+"""Distributed ITEm pretraining on Ray Train: catalog -> Ray Data row preparation -> TorchTrainer -> model dir.
 
-The only module of item_model that imports Ray. The per-step math (`build_optimizer`, `train_step`) is
-plain PyTorch so that a bare loop (bench/bench_train.py) runs exactly the same code as the workers.
+The training entry point: the only code that uses Ray Train. The per-step maths, the config and the
+checkpoints are plain PyTorch in item_model/training.py, which the bare-loop benchmark runs too.
 
     driver:   tokenizer (trained on the catalog's titles, or a BERT vocab) -> staged in OUT_DIR.train/
-    Ray Data: read_parquet -> TrainPreprocessor (tokenise, decode images to uint8 pixels), CPU tasks
+    Ray Data: catalog.read_rows -> shuffle -> rows.Preprocess (the embed job's row preparation), CPU tasks
     workers:  train_loop_per_worker: DDP model, AdamW + warm-up/cosine, reports + rank-0 checkpoints
     driver:   final checkpoint -> model dir, published atomically with a manifest of the run
 
@@ -16,10 +16,7 @@ checkpointed); model, optimizer, scheduler, step and RNG streams (seeded by seed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import math
 import os
 import pathlib
 import shutil
@@ -27,310 +24,76 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from safetensors.torch import load_file, save_file
 from ray.data import RandomSeedConfig
 from transformers import PreTrainedTokenizerFast
 
-from pipeline import storage
+from item_model import MODEL_INPUTS, ItemConfig, ItemModel, ItemProcessor, build_model, preset_config, save_model_dir
+from item_model import train_tokenizer
+from item_model.presets import PRESETS
+from item_model.starts import resolve_start
+from item_model.training import (
+    RESUMABLE_CHANGES, TrainConfig, build_optimizer, checkpoint_state, format_progress, load_checkpoint,
+    save_checkpoint, step_generator, train_step,
+)
 
-from .config import PRESETS, VARIANTS, ItemConfig, preset_config
-from .model_dir import build_model, save_model_dir
-from .modeling import ItemModel
-from .processor import ItemProcessor, train_tokenizer
-from .starts import NAMED_STARTS, resolve_start
+from . import storage
+from .catalog import ColumnMap, read_rows, validate_schema
+from .rows import OK, Preprocess
 
 RUN_NAME = "run"  # Ray Train run name inside the work dir
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
 
 
-@dataclass
-class TrainConfig:
-    """Everything a pretraining run needs besides the catalog and the output dir. Saved with every
-    checkpoint and in the published model dir's manifest."""
-
-    preset: str = "small"  # model preset name (item_model.config.PRESETS): tiny | small | base
-    # model variant (item_model.config.VARIANTS): item | item_no_global | title_only | image_only | two_stream;
-    # model_overrides apply on top of it
-    variant: str = "item"
-    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this number)
-    batch_size: int = 64  # rows per step *per worker*; the global batch is batch_size * num_workers
-    lr: float = 5e-4  # peak AdamW learning rate, reached after warm-up
-    # with init_from: peak lr of the parameters the start did not initialise (image stream, heads) is
-    # lr x fresh_lr_scale, so a pretrained encoder fine-tunes gently while the random patch stem learns fast
-    fresh_lr_scale: float = 1.0
-    warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to 0 at `steps`
-    weight_decay: float = 0.01  # AdamW decay; biases, LayerNorms and embeddings are not decayed
-    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
-    checkpoint_every: int = 100  # rank 0 checkpoints every N steps, and always at the last step
-    report_every: int = 10  # report metrics (and print a progress line) every N steps
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
-    use_gpu: bool = False  # one GPU per worker; bf16 autocast on GPU, fp32 on CPU
-    # CPUs reserved per worker; None = 1, or less on a small CPU-only cluster so that at least one CPU is
-    # left for Ray Data's preprocessing (a trainer that holds every CPU starves its own input pipeline)
-    cpus_per_worker: float | None = None
-    # intra-op threads per worker; 0 = the node's cores shared among its workers (Ray sets OMP to 1, which
-    # would leave a 2-core machine half idle: Ray Data's decoding is light next to the model's matmuls)
-    torch_threads: int = 0
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
-    # a named start (item_model.starts.NAMED_STARTS, e.g. "minilm") or a local HF BERT dir with
-    # model.safetensors: its vocab and weights initialise the text stream and the encoder
-    init_from: str | None = None
-    seed: int = 0  # seeds model init and, with (rank, step), every masking/swap draw
-    vocab_size: int = 8000  # WordPiece vocab trained on the catalog's titles (ignored with init_from)
-    id_column: str = "item_id"  # catalog column names (ARCHITECTURE.md: catalog contract)
-    title_column: str = "title"
-    image_column: str = "image"
-    preprocess_batch_size: int = 256  # rows per Ray Data preprocessing task batch
-    # rows of the (shuffled) training catalog whose mean vector becomes the model's embedding_center at
-    # export (0: no centring): removes the direction every vector shares (see ItemModel.encode)
-    center_rows: int = 2048
-    # ItemConfig fields to override on the preset: objective switches and weights for ablations and
-    # baselines, e.g. {"use_global_mlm": False, "use_global_mim": False} is the ViLT-style baseline
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    fail_at_step: int | None = None  # tests only: the last rank raises at this step, on the first attempt
-
-    def check(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
-        if self.init_from and self.variant == "two_stream":
-            raise ValueError("init_from (BERT init) is implemented for the single-stream model only; "
-                             "train the two_stream variant without --init-from")
-        if self.steps < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("steps, batch_size and num_workers must be >= 1")
-        if self.checkpoint_every < 1 or self.report_every < 1:
-            raise ValueError("checkpoint_every and report_every must be >= 1")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
-        if self.fresh_lr_scale <= 0 or self.center_rows < 0:
-            raise ValueError("fresh_lr_scale must be > 0 and center_rows >= 0")
-        named = NAMED_STARTS.get(self.init_from or "")
-        if named is not None and named.preset != self.preset:
-            raise ValueError(f"--init-from {self.init_from} needs --preset {named.preset} (its text geometry), "
-                             f"not {self.preset}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**d)
+# --- the training data: the embed job's row preparation, kept to the model inputs -------------------------
 
 
-# Fields that may change when a run is resumed; the others shape the model or the data and must match.
-RESUMABLE_CHANGES = {"steps", "center_rows", "vocab_size", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
-                     "checkpoint_every", "report_every", "preprocess_batch_size", "fail_at_step"}
+class TrainRows:
+    """Catalog rows -> model inputs (numpy) plus `keep`: False for the rows the embed job would reject
+    (null or empty id; neither a title nor a usable image). Rows are flagged rather than dropped here so
+    that the skip count survives streaming; an unusable image on a row with a title only loses the image."""
 
+    def __init__(self, processor: ItemProcessor, columns: ColumnMap) -> None:
+        self.prepare = Preprocess(processor, columns)
 
-# --- the per-step math: plain PyTorch, shared with the bare-loop benchmark --------------------------
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_restart_step: int | None = None
-                    ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW and its schedule: linear warm-up + cosine decay to 0 at cfg.steps.
-
-    Not decayed: biases, norms and embedding tables (a [MASK] patch, positions, words); the patch
-    projection is a Linear layer and is decayed like every other weight matrix. With init_from, the
-    parameters the start did not initialise learn at lr x fresh_lr_scale. `lr_restart_step`: a run
-    resumed with more steps than it was trained for ramps its learning rate up again from there over
-    warmup_steps instead of jumping from the end of its old schedule to the middle of the new one.
-    """
-    unwrapped = unwrap(model)
-    no_decay = {id(m.weight) for m in unwrapped.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm))}
-    from_start = cfg.init_from is not None and isinstance(unwrapped, ItemModel)
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, p in unwrapped.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim >= 2 and id(p) not in no_decay
-        fresh = from_start and not name.startswith(ItemModel.BERT_PARAMETERS)
-        groups.setdefault((decay, fresh), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
-          "lr": cfg.lr * (cfg.fresh_lr_scale if fresh else 1.0)}
-         for (decay, fresh), params in sorted(groups.items())],
-        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, restart=lr_restart_step))
-
-
-def lr_factor(step: int, cfg: TrainConfig, restart: int | None = None) -> float:
-    """The share of the peak lr at `step`: warm-up, cosine to 0 at cfg.steps, times a second warm-up from
-    `restart` (a run extended on resume)."""
-    if step < cfg.warmup_steps:
-        factor = step / max(1, cfg.warmup_steps)
-    else:
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-    if restart is not None and step >= restart:
-        factor *= min(1.0, (step - restart + 1) / max(1, cfg.warmup_steps))
-    return factor
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU; fp32 (no autocast) on CPU, where bf16 matmuls are slow on most cores."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def train_step(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    grad_clip: float,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """One optimizer step on `batch` (model inputs, on the model's device). Returns the named losses,
-    detached (no host sync here: callers decide when to read them)."""
-    device = batch["input_ids"].device
-    with autocast(device):
-        losses = model(**{k: batch[k] for k in MODEL_INPUTS}, generator=generator)
-    optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return {k: v.detach().float() for k, v in losses.items()}
-
-
-def step_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
-    """The RNG of one step on one rank: reproducible across restarts, different across ranks."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
-    return g
-
-
-# --- preprocessing: a callable class for Ray Data's map_batches, testable on a plain dict ------------
-
-
-class TrainPreprocessor:
-    """Catalog rows -> model inputs (numpy), plus `keep`: False for rows that cannot train.
-
-    A row is skipped (kept in the batch with keep=False, counted by the trainers) when its id is null or
-    it has neither a title nor a usable image. An unusable image on a row with a title only loses the
-    image. Rows are flagged rather than dropped here so that the skip count survives streaming.
-    """
-
-    def __init__(self, processor: ItemProcessor, id_column: str, title_column: str, image_column: str) -> None:
-        self.processor = processor
-        self.columns = (id_column, title_column, image_column)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids, titles, images = (batch[c] for c in self.columns)
-        titles = [t if isinstance(t, str) else None for t in titles]
-        out = self.processor(titles, [im if im is not None and len(im) else None for im in images])
-        has_title = np.array([bool(t and t.strip()) for t in titles], dtype=bool)
-        has_id = np.array([i is not None and not (isinstance(i, float) and math.isnan(i)) for i in ids], dtype=bool)
-        return {
-            "input_ids": out["input_ids"],
-            "attention_mask": out["attention_mask"],
-            "pixel_values": out["pixel_values"],
-            "has_image": out["has_image"],
-            "keep": has_id & (has_title | out["has_image"]),
-        }
-
-
-def check_catalog_schema(catalog_uri: str, cfg: TrainConfig) -> None:
-    """Fail before any work when a required column is missing or has the wrong type."""
-    import pyarrow as pa
-
-    schema = ray.data.read_parquet(catalog_uri).schema()
-    names = list(schema.names)
-    types = dict(zip(names, schema.types))
-    wanted = {cfg.id_column: None, cfg.title_column: pa.types.is_string, cfg.image_column: pa.types.is_binary}
-    for column, is_type in wanted.items():
-        if column not in types:
-            raise ValueError(f"catalog {catalog_uri} has no column {column!r} (columns: {names}); "
-                             "map it with --id-column / --title-column / --image-column")
-        t = types[column]
-        if is_type and not (is_type(t) or pa.types.is_large_string(t) or pa.types.is_large_binary(t)):
-            raise ValueError(f"catalog column {column!r} is {t}; expected "
-                             f"{'string' if is_type is pa.types.is_string else 'binary (encoded image bytes)'}")
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        rows = self.prepare(batch)
+        return {**{k: rows[k] for k in MODEL_INPUTS}, "keep": rows["status"] == OK}
 
 
 def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig, attempt: int = 0) -> ray.data.Dataset:
-    """The training dataset: read only the needed columns in a seeded random order, preprocess on CPU
+    """The training dataset: read only the needed columns in a seeded random order, prepare rows on CPU
     tasks, stream to trainers.
 
     Every pass over the data (epoch) gets a new order (Ray's reseed per execution), and so does every
     `attempt` (a --resume re-creates the dataset, whose execution count starts again at 0): batches and
     ITM negatives never repeat a previous pass's."""
-    columns = [cfg.id_column, cfg.title_column, cfg.image_column]
-    # An instance, not the class: Ray Data runs it as stateless tasks fused with the read (one task
-    # per block reads and decodes). The processor holds only a tokenizer, cheap to ship per task, and
-    # tasks never pin CPUs the way an actor pool does, which on a small machine would starve the read.
-    preprocess = TrainPreprocessor(processor, cfg.id_column, cfg.title_column, cfg.image_column)
+    columns = ColumnMap(**cfg.columns)
+    _, needed = validate_schema(catalog_uri, columns)
+    # An instance, not the class: Ray Data runs it as stateless tasks fused with the shuffle's output. The
+    # processor holds only a tokenizer, cheap to ship per task, and tasks never pin CPUs the way an actor
+    # pool does, which on a small machine would starve the read.
     # Catalogs are often sorted (by id, by category): a short run over the file's order would see a few
     # categories only. Shuffle the raw rows (small: encoded bytes) with the run's seed, before decoding.
     seed = RandomSeedConfig(seed=cfg.seed * 1_000_003 + attempt, reseed_after_execution=True)
-    rows = ray.data.read_parquet(catalog_uri, columns=columns).random_shuffle(seed=seed)
-    return rows.map_batches(preprocess, batch_size=cfg.preprocess_batch_size, batch_format="numpy")
+    rows = read_rows(catalog_uri, needed).random_shuffle(seed=seed)
+    return rows.map_batches(TrainRows(processor, columns), batch_size=cfg.preprocess_batch_size,
+                            batch_format="pyarrow")
 
 
 def iter_titles(catalog_uri: str, column: str) -> Iterator[str]:
     """Stream the title column only (for tokenizer training)."""
-    for batch in ray.data.read_parquet(catalog_uri, columns=[column]).iter_batches(batch_size=4096, batch_format="pyarrow"):
+    for batch in read_rows(catalog_uri, [column]).iter_batches(batch_size=4096, batch_format="pyarrow"):
         yield from (t for t in batch.column(column).to_pylist() if t)
 
 
-# --- checkpoints ------------------------------------------------------------------------------------
-
-
-def unwrap(model: torch.nn.Module) -> ItemModel:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_checkpoint(directory: str, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """model.safetensors + optimizer/scheduler state (tensors only, loaded with weights_only) + state.json."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, os.path.join(directory, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(directory, "optim.pt"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump(state, f)
-
-
-def load_checkpoint(directory: str, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Restore what save_checkpoint wrote; returns the state dict (step, history, counters, config)."""
-    unwrap(model).load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-    if optimizer is not None:
-        optim = torch.load(os.path.join(directory, "optim.pt"), weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(optim["optimizer"])
-        scheduler.load_state_dict(optim["scheduler"])
-    return checkpoint_state(directory)
-
-
-def checkpoint_state(directory: str) -> dict[str, Any]:
-    """The state.json of a checkpoint: step, history, counters, the run's TrainConfig."""
-    with open(os.path.join(directory, "state.json")) as f:
-        return json.load(f)
-
-
-# --- the loop each Ray Train worker runs ------------------------------------------------------------
-
-
-def format_progress(step: int, steps: int, losses: dict[str, float], samples_per_s: float, eta_s: float) -> str:
-    terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
-    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s))) if math.isfinite(eta_s) else "?"
-    return (f"step {step}/{steps} | loss {losses.get('loss', float('nan')):.4f} ({terms}) | "
-            f"{samples_per_s:.1f} samples/s | ETA {eta}")
+# --- the loop each Ray Train worker runs -----------------------------------------------------------
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -542,7 +305,8 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         storage.check_can_publish(out_dir, overwrite)
         shutil.rmtree(work, ignore_errors=True)
 
-    check_catalog_schema(catalog_uri, cfg)
+    columns = ColumnMap(**cfg.columns)
+    validate_schema(catalog_uri, columns)  # fails naming the column and the fix, before any work
     start = resolve_start(cfg.init_from) if cfg.init_from else None  # verified before any work
     # tokenizer: the run's own (resume), a BERT vocab (init_from), or trained on the catalog's titles
     processor_dir = os.path.join(work, "processor")
@@ -555,7 +319,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
             tokenizer = PreTrainedTokenizerFast.from_pretrained(start.path, local_files_only=True)
         else:
             t0 = time.perf_counter()
-            tokenizer = train_tokenizer(iter_titles(catalog_uri, cfg.title_column), vocab_size=cfg.vocab_size)
+            tokenizer = train_tokenizer(iter_titles(catalog_uri, columns.title), vocab_size=cfg.vocab_size)
             print(f"trained a {len(tokenizer)}-token WordPiece vocab on the catalog titles "
                   f"in {time.perf_counter() - t0:.1f}s", flush=True)
         processor = ItemProcessor(tokenizer, image_size=image_size, max_title_len=max_title_len)

@@ -1,0 +1,104 @@
+"""Encoding: prepared model inputs -> unit vectors. The one encode loop, used by the embedding job (as a
+Ray actor), by search for a listing that is in no catalog, and by the evaluation.
+
+`Encoder` knows nothing of Ray: the embed job hands the class to Ray Data's `map_batches` with an actor
+pool (the model is loaded once per actor); everything else calls it in process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from item_model import MODEL_INPUTS, ItemProcessor, load_model_dir
+
+from .catalog import ColumnMap
+from .rows import OK, Preprocess
+
+
+class Encoder:
+    """A model on a device. `encode(inputs)` maps model inputs (numpy, as the processor makes them) to
+    [B, D] float32 unit vectors; `__call__(batch) -> batch` (the embed job's actor) adds `embedding` for
+    the rows with status ok (zeros elsewhere) and drops the model inputs. GPU: bf16 autocast, pinned
+    memory, non-blocking copies. CPU: fp32, `num_threads` torch threads."""
+
+    def __init__(self, model_dir: str, device: str | None = None, num_threads: int | None = None) -> None:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self._use(load_model_dir(model_dir, device)[0], device)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, device: str | torch.device = "cpu") -> "Encoder":
+        """An encoder over a model already in memory (a start, or a pooling variant of a model dir)."""
+        encoder = cls.__new__(cls)
+        encoder._use(model.to(device), torch.device(device))
+        return encoder
+
+    def _use(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model.eval(), device
+        self.dim = model.embedding_dim
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        if not array.flags.writeable or not array.flags.c_contiguous:  # Ray hands out read-only views
+            array = np.ascontiguousarray(array).copy()
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def encode(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Model inputs (numpy) -> [B, D] float32 unit vectors."""
+        tensors = {k: self._to_device(inputs[k]) for k in MODEL_INPUTS}
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            return self.model.encode(**tensors).float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        ok = np.asarray(batch["status"] == OK)
+        n = len(ok)
+        embedding = np.zeros((n, self.dim), dtype=np.float32)
+        if ok.all():
+            embedding[:] = self.encode(batch)
+        elif ok.any():
+            rows = np.flatnonzero(ok)
+            embedding[rows] = self.encode({k: batch[k][rows] for k in MODEL_INPUTS})
+        out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+        out["embedding"] = embedding
+        out["_encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        return out
+
+
+def encode_rows(encoder: Encoder, processor: ItemProcessor, titles: Sequence[str | None],
+                images: Sequence[bytes | None], batch_size: int = 64) -> np.ndarray:
+    """(titles, image bytes) -> [N, D], in batches of `batch_size`, every CPU core: the evaluation's
+    embedder. Unusable images are embedded as missing (the processor's rule)."""
+    if len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles but {len(images)} images")
+    if encoder.device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    out = np.zeros((len(titles), encoder.dim), dtype=np.float32)
+    for start in range(0, len(titles), batch_size):
+        out[start : start + batch_size] = encoder.encode(
+            processor(titles[start : start + batch_size], images[start : start + batch_size]))
+    return out
+
+
+def embed_listing(model_dir: str, title: str | None, image: bytes | None) -> np.ndarray:
+    """One listing (not in any catalog) -> [1, D], exactly as the job would embed it (the same Preprocess
+    and Encoder). Raises ValueError when the job would reject it (no usable title, no usable image)."""
+    row = pa.table({"item_id": ["query"], "title": pa.array([title], pa.string()), "image": pa.array([image], pa.binary())})
+    prepared = Preprocess(model_dir, ColumnMap())(row)
+    if prepared["status"][0] != OK:
+        reason = prepared["image_error"][0] or "no image"
+        raise ValueError(f"the listing has no usable title and no usable image ({reason})")
+    return Encoder(model_dir, device="cpu").encode(prepared)
