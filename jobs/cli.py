@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from item_model.presets import PRESETS, VARIANTS
+from jobs import runtime
 from pipeline.index import IndexFilesError, RecallTooLowError
 
 IEC = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -28,10 +29,12 @@ def parse_bytes(text: str) -> int:
 
 
 def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # local, or the cluster named by RAY_ADDRESS
+    """Start Ray (local, or the cluster named by RAY_ADDRESS) as jobs.runtime decides; the command's last
+    line names where the engine's logs went."""
+    ctx = click.get_current_context().find_root()
+    log_dir = runtime.init_ray(verbose=ctx.obj["verbose"])
+    if log_dir:
+        ctx.call_on_close(lambda: click.echo(f"engine logs (Ray, Ray Data, Ray Train): {log_dir}", err=True))
 
 
 def _fail(e: Exception) -> click.ClickException:
@@ -44,8 +47,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IndexFilesError, 
 
 @click.group()
 @click.version_option(package_name="item-pipeline")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Print the engine's logs too (Ray, Ray Data, Ray Train); "
+              "by default they go to Ray's session dir, named at the end.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Offline product-embedding pipeline: ITEm embeddings, FAISS dedup, category backfill."""
+    runtime.configure_output(verbose)
+    ctx.obj = {"verbose": verbose}
 
 
 @main.command(name="make-sample-catalog")
@@ -56,7 +64,7 @@ def main() -> None:
               help="Random seed; the same seed and --items give a byte-identical catalog.")
 @click.option("--rows-per-file", type=click.IntRange(min=1), default=None,
               help="Write OUT as a directory of part files with at most this many rows each "
-                   "(default: one Parquet file at OUT).")
+                   "(default: one Parquet file at OUT; OUT ending in / is a directory of 500-row parts).")
 def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | None) -> None:
     """Generate a sample marketplace catalog as Parquet at OUT (which must not exist).
 
@@ -146,9 +154,7 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
     )
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    if not ray.is_initialized():
-        ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line per report
+    _init_ray()
     try:
         version = run_pretrain(catalog, out_dir, cfg, resume=resume, overwrite=overwrite)
     except (FileExistsError, FileNotFoundError, ValueError, ray.train.TrainingFailedError) as err:
@@ -415,6 +421,26 @@ def nightly(config_path: str, run_date, output_root: str | None, catalog: str | 
 
     click.echo(report_markdown(report))
     click.echo(f"report: {report['run_dir']}/report.md")
+
+
+@main.command(name="review")
+@click.argument("run_dir")
+@click.option("--out", default=None, help="Where to write the page [default: RUN_DIR/review.html].")
+@click.option("--per-section", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Clusters, pairs and backfill examples shown per section.")
+def review(run_dir: str, out: str | None, per_section: int) -> None:
+    """Write the review page of a nightly run: the largest duplicate clusters with photos and titles side by
+    side, pairs just above and below the threshold, backfill examples per confidence band, the counts.
+
+    Example: item-pipeline review runs/dt=2026-11-21
+    """
+    from pipeline.review import write_review
+
+    try:
+        path = write_review(run_dir.rstrip("/"), per_section=per_section, out_uri=out)
+    except USER_ERRORS as err:
+        raise _fail(err) from err
+    click.echo(f"review page: {path}")
 
 
 @main.command(name="evaluate")

@@ -21,6 +21,8 @@ import os
 
 import click
 
+from jobs import runtime
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nightly.yaml")
 DEMO_VARIANT = "item_contrastive"
 DEMO_STEPS = 60
@@ -33,25 +35,30 @@ DEMO_STEPS = 60
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True, help="Pretraining batch size.")
 @click.option("--variant", default=DEMO_VARIANT, show_default=True, help="Model variant to pretrain.")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="Nightly config to run.")
-def main(out: str, items: int, steps: int, batch_size: int, variant: str, config_path: str) -> None:
+@click.option("--preset", default="minilm", show_default=True,
+              help="Model size; anything but minilm starts from random weights (tests use tiny).")
+@click.option("--verbose", is_flag=True, help="Print the engine's logs too (Ray, Ray Data, Ray Train).")
+def main(out: str, items: int, steps: int, batch_size: int, variant: str, config_path: str, preset: str,
+         verbose: bool) -> None:
     """Run the whole product on a generated catalog and print the nightly report.
 
     Example:
 
         python -m jobs.demo --out demo-output --items 2000 --steps 60
     """
+    runtime.configure_output(verbose)  # before Ray is imported
     import ray
 
     from item_model.training import TrainConfig
-    from pipeline.pretrain import pretrain
     from jobs.config import load_config
     from jobs.nightly import report_markdown, run_nightly
     from pipeline import storage
+    from pipeline.pretrain import pretrain
     from pipeline.sample_catalog import summarize_catalog, write_sample_catalog
 
     catalog, model_dir, runs = (os.path.join(out, name) for name in ("catalog", "model", "runs"))
     config = load_config(config_path, catalog=catalog, model_dir=model_dir, output_root=runs)  # fail fast
-    ray.init()  # local, or the cluster named by RAY_ADDRESS
+    log_dir = runtime.init_ray(verbose)  # local, or the cluster named by RAY_ADDRESS
 
     if not os.path.exists(catalog):
         click.echo(f"[1/3] sample catalog: {items} listings -> {catalog}")
@@ -60,10 +67,12 @@ def main(out: str, items: int, steps: int, batch_size: int, variant: str, config
         click.echo(f"[1/3] sample catalog: reusing {catalog}")
 
     if not storage.is_published(model_dir):
-        click.echo(f"[2/3] pretraining {variant} from minilm for {steps} steps -> {model_dir}")
+        start = "minilm" if preset == "minilm" else None
+        click.echo(f"[2/3] pretraining {variant} ({preset}) from {start or 'random weights'} for {steps} steps "
+                   f"-> {model_dir}")
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # one worker: it reserves all cores but one (left to Ray Data's decoding) and computes on all of them
-        cfg = TrainConfig(preset="minilm", init_from="minilm", variant=variant, steps=steps, batch_size=batch_size,
+        cfg = TrainConfig(preset=preset, init_from=start, variant=variant, steps=steps, batch_size=batch_size,
                           lr=1e-4, fresh_lr_scale=10.0, warmup_steps=max(1, steps // 10),
                           checkpoint_every=steps, num_workers=1, cpus_per_worker=max(1, cpus - 1))
         pretrain(catalog, model_dir, cfg, overwrite=True)
@@ -77,6 +86,8 @@ def main(out: str, items: int, steps: int, batch_size: int, variant: str, config
         click.echo(f"(run {day} was already complete; its report follows)")
     click.echo(report_markdown(report))
     click.echo(f"outputs: {report['run_dir']}/{{embeddings,index,dedup,backfill}}, report: {report['run_dir']}/report.md")
+    if log_dir:
+        click.echo(f"engine logs (Ray, Ray Data, Ray Train): {log_dir}")
 
 
 if __name__ == "__main__":

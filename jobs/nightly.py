@@ -28,6 +28,7 @@ from typing import Any
 
 from jobs.config import NightlyConfig
 from pipeline import storage
+from pipeline.review import write_review
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,42 @@ def run_nightly(config: NightlyConfig, run_date: dt.date) -> dict[str, Any]:
         except Exception as e:
             raise StageFailed(stage, e) from e
         timings[stage] = round(time.perf_counter() - start, 2)
+        if stage != "embeddings":  # the embed job logs its own summary line
+            log.info("%s: %s (%.1f s)", stage, stage_summary(stage, manifests[stage]), timings[stage])
 
     report = build_report(run_date, root, previous, manifests, timings, resumed)
+    report["modality_balance"] = _balance(config, out["embeddings"], previous)
+    if report["modality_balance"].get("flag"):
+        log.warning("modality balance: %s", report["modality_balance"]["flag"])
+    report["review"] = write_review(root, report)  # before the commit point: a failed page re-runs
+    log.info("review page: %s", report["review"])
     _write_text(storage.join(root, "report.md"), report_markdown(report))
     storage.write_json(storage.join(root, REPORT), report)  # the run's commit point
     advance_latest(config)  # forward only: a re-run of an older date leaves it where it is
     return report
+
+
+def _balance(config: NightlyConfig, embeddings: str, previous: str | None) -> dict[str, Any]:
+    """Today's modality balance beside the previous run's (from its report), flagged on a large change."""
+    from pipeline.balance import compare_nights, modality_balance
+
+    yesterday = None
+    if previous is not None:
+        report_uri = storage.join(previous.rstrip("/").rsplit("/", 1)[0], REPORT)
+        if storage.exists(report_uri):
+            yesterday = storage.read_json(report_uri).get("modality_balance")
+    return compare_nights(modality_balance(config.catalog, config.columns, config.model_dir, embeddings), yesterday)
+
+
+def stage_summary(stage: str, m: dict[str, Any]) -> str:
+    """One line of what a published stage holds, from its manifest."""
+    if stage == "index":
+        return f"{m.get('spec')} in {len(m.get('shards', []))} shards, {m.get('n_vectors')} vectors, recall@10 {m.get('recall_at_10')}"
+    if stage == "dedup":
+        return f"{m['n_pairs']} pairs in {m['n_clusters']} clusters at cosine >= {m['threshold']:.4f}"
+    if stage == "backfill":
+        return f"{m.get('n_filled')} of {m.get('n_unlabelled')} uncategorised rows filled"
+    return f"{m.get('embedded')} embedded, {m.get('unchanged_skipped')} unchanged, {m.get('rejected')} rejected"
 
 
 def build_report(run_date: dt.date, root: str, previous: str | None, manifests: dict[str, dict],
@@ -208,6 +239,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- rows in {c['rows_in']} = embedded {c['embedded']} + unchanged {c['unchanged_skipped']} + "
         f"rejected {c['rejected']} ({'reconciles' if report['reconciles'] else 'DOES NOT RECONCILE'})",
         f"- rejects by reason: {rejects}; image errors (embedded from title): {image_errors}",
+        *_balance_lines(report.get("modality_balance")),
         f"- index: {i['spec']} in {i['shards']} shards, recall@10 vs exact {i['recall_at_10']}",
         f"- duplicates at cosine >= {d['threshold']:.4f}"
         + (f" (calibrated to precision {d['calibration']['precision']:.3f} on labelled groups)" if d.get("calibration") else "")
@@ -220,8 +252,30 @@ def report_markdown(report: dict[str, Any]) -> str:
         + (f"; leave-one-out accuracy on labelled rows {b['leave_one_out_accuracy']:.3f}"
            if b.get("leave_one_out_accuracy") is not None else ""),
         f"- stage times: {times}; resumed (already published): {', '.join(report['stages_resumed']) or 'none'}",
+        *([f"- review page (clusters, threshold, backfill, with photos): {report['review']}"] if report.get("review") else []),
         "",
     ])
+
+
+def _balance_lines(b: dict[str, Any] | None) -> list[str]:
+    if not b:
+        return []
+    counts = b.get("counts", {})
+    lines = [f"- embedded from: both {counts.get('image+title', 0)}, title only {counts.get('title', 0)}, "
+             f"image only {counts.get('image', 0)} (whole table)"]
+    if b.get("sample"):
+        prev = b.get("previous") or {}
+
+        def was(key: str) -> str:
+            return f" (previous run {prev[key]:.3f})" if prev.get(key) is not None else ""
+
+        lines.append(f"- modality balance on {b['sample']} fixed listings: blanking the title moves the vector "
+                     f"{b['title_movement']:.3f}{was('title_movement')}, blanking the photo "
+                     f"{b['image_movement']:.3f}{was('image_movement')}; image share {b['image_share']:.3f}"
+                     f"{was('image_share')}")
+    if b.get("flag"):
+        lines.append(f"- **FLAG: {b['flag']}**")
+    return lines
 
 
 def _write_text(uri: str, text: str) -> None:

@@ -79,7 +79,7 @@ def find_duplicate_pairs(
     storage.read_manifest(embeddings_uri)  # fail now, not in an actor, when the table is not published
     storage.read_manifest(index_uri)
     fs, _ = storage.get_fs(embeddings_uri)
-    ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs, columns=["item_id", "embedding"])
+    ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs).select_columns(["item_id", "embedding"])
     pairs = ds.map_batches(
         NeighbourPairs,
         fn_constructor_args=(index_uri, k, threshold, threads_per_actor),

@@ -38,6 +38,7 @@ from item_model import read_model_version
 from . import storage
 from .catalog import ColumnMap, arrow_filesystem, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
 from .encode import Encoder
+from .progress import Progress
 from .rows import OK, REJECT, UNCHANGED, Preprocess
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,9 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
         modalities: collections.Counter[str] = collections.Counter()
         busy = {"preprocess_s": 0.0, "encode_s": 0.0}
         pipeline_start = time.perf_counter()
+        progress = Progress(log, "embed", rows_in - (dup_rejects.num_rows if dup_rejects is not None else 0))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.update(len(batch["status"]))
             busy["preprocess_s"] += float(batch["_preprocess_s"].sum())
             busy["encode_s"] += float(batch["_encode_s"].sum())
             status = batch["status"]
@@ -259,6 +262,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
                 }, schema=REJECTS_SCHEMA))
             unchanged.extend(batch["item_id"][status == UNCHANGED].tolist())
         pipeline_s = time.perf_counter() - pipeline_start
+        progress.finish()
 
         if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
             embeddings = _PartWriter(stage, embedding_schema(Encoder(model_dir, "cpu").dim), options.rows_per_file, stage)

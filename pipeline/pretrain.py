@@ -16,14 +16,16 @@ checkpointed); model, optimizer, scheduler, step and RNG streams (seeded by seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -49,6 +51,7 @@ from .catalog import ColumnMap, read_rows, validate_schema
 from .rows import OK, Preprocess
 
 RUN_NAME = "run"  # Ray Train run name inside the work dir
+log = logging.getLogger(__name__)
 
 
 # --- the training data: the embed job's row preparation, kept to the model inputs -------------------------
@@ -188,9 +191,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             report = {**record, "rows_seen": state["rows_seen"], "rows_skipped": state["rows_skipped"],
                       "eta_s": eta_s}
             if rank == 0:
-                # sys.stdout, not print: Ray Train V2 patches print to log *and* echo, which doubles each line
-                sys.stdout.write(format_progress(step, cfg.steps, metrics, samples_per_s, eta_s) + "\n")
-                sys.stdout.flush()
+                # a line per report into the run's progress file, which the driver echoes (worker output
+                # itself is the engine's business: it reaches the terminal only with log_to_driver)
+                with open(config["progress_path"], "a") as f:
+                    f.write(format_progress(step, cfg.steps, metrics, samples_per_s, eta_s) + "\n")
             if do_checkpoint and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(tmp, model, optimizer, scheduler, {**state, "train_config": cfg.to_dict()})
@@ -243,7 +247,8 @@ def build_trainer(
         cfg = dataclasses.replace(cfg, cpus_per_worker=cpus)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "model": model_config.to_dict(), "init_state": init_state},
+        train_loop_config={"train": cfg.to_dict(), "model": model_config.to_dict(), "init_state": init_state,
+                           "progress_path": progress_path(storage_path)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
@@ -271,6 +276,40 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
                          "or start a new run with --overwrite")
 
 
+def progress_path(work: str) -> str:
+    """The run's progress lines (one per report, rank 0), in its work dir: `tail -f` it from anywhere."""
+    return os.path.join(os.path.abspath(work), "progress.log")
+
+
+@contextlib.contextmanager
+def echo_new_lines(path: str, echo: Callable[[str], None], every_s: float = 1.0) -> Iterator[None]:
+    """While the block runs, pass each line appended to `path` to `echo` (from a thread: the block may be
+    a Ray Train run, which must keep the main thread)."""
+    done = threading.Event()
+    offset = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def follow() -> None:
+        nonlocal offset
+        while True:
+            stop = done.wait(every_s)
+            if os.path.exists(path):
+                with open(path) as f:
+                    f.seek(offset)
+                    for line in f:
+                        echo(line.rstrip("\n"))
+                    offset = f.tell()
+            if stop:
+                return
+
+    thread = threading.Thread(target=follow, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> str:
     """Train an ITEm model on a catalog and publish it as a model dir at `out_dir`; returns its model_version.
 
@@ -294,8 +333,8 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         if storage.is_published(out_dir):
             manifest = storage.read_manifest(out_dir)
             if manifest.get("steps") == cfg.steps:
-                print(f"{out_dir} is already trained to step {cfg.steps} (model_version "
-                      f"{manifest['model_version']}): nothing to do", flush=True)
+                log.info("%s is already trained to step %d (model_version %s): nothing to do", out_dir, cfg.steps,
+                         manifest["model_version"])
                 return manifest["model_version"]
         overwrite = True  # the published dir (if any) is from this run, trained to fewer steps
     else:
@@ -320,8 +359,8 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         else:
             t0 = time.perf_counter()
             tokenizer = train_tokenizer(iter_titles(catalog_uri, columns.title), vocab_size=cfg.vocab_size)
-            print(f"trained a {len(tokenizer)}-token WordPiece vocab on the catalog titles "
-                  f"in {time.perf_counter() - t0:.1f}s", flush=True)
+            log.info("trained a %d-token WordPiece vocab on the catalog titles in %.1f s", len(tokenizer),
+                     time.perf_counter() - t0)
         processor = ItemProcessor(tokenizer, image_size=image_size, max_title_len=max_title_len)
         os.makedirs(work, exist_ok=True)
         processor.save_pretrained(processor_dir)
@@ -341,7 +380,10 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
     t0 = time.perf_counter()
     trainer = build_trainer(build_dataset(catalog_uri, processor, cfg, attempt), model_config, cfg, work,
                             init_state=init_state)
-    result = trainer.fit()
+    log.info("pretraining %s (%s) for %d steps on %d worker(s); progress also in %s", cfg.variant, cfg.preset,
+             cfg.steps, cfg.num_workers, progress_path(work))
+    with echo_new_lines(progress_path(work), log.info):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

@@ -379,14 +379,21 @@ def make_sample_catalog(n_items: int, seed: int) -> pa.Table:
     return pa.Table.from_pydict({name: [row[name] for row in rows] for name in SCHEMA.names}, schema=SCHEMA)
 
 
+DIR_ROWS_PER_FILE = 500  # rows per part file when the output is a directory (`OUT/`) and no size is given
+
+
 def write_sample_catalog(out_path: str, n_items: int, seed: int, rows_per_file: int | None = None) -> pa.Table:
     """Generate a catalog and write it as Parquet to a local path that must not exist yet; return the table.
 
-    rows_per_file=None writes one file at `out_path`; otherwise `out_path` becomes a directory of
-    `part-00000.parquet`, `part-00001.parquet`, ... with at most `rows_per_file` rows each (one empty
-    part for an empty catalog, so the schema is always readable). Written under a temporary name
-    and renamed into place, so a reader never sees half a catalog.
+    rows_per_file=None writes one file at `out_path` (with or without a .parquet suffix); otherwise, or when
+    `out_path` ends with a slash, `out_path` becomes a directory of `part-00000.parquet`, ... with at most
+    `rows_per_file` (default DIR_ROWS_PER_FILE) rows each (one empty part for an empty catalog, so the schema
+    is always readable). Written under a temporary name and renamed into place, so a reader never sees half
+    a catalog.
     """
+    if out_path.endswith(("/", os.sep)):
+        out_path = out_path.rstrip("/" + os.sep) or out_path
+        rows_per_file = rows_per_file or DIR_ROWS_PER_FILE
     if os.path.exists(out_path):
         raise FileExistsError(f"{out_path} already exists; remove it or choose a new path (nothing is overwritten)")
     if rows_per_file is not None and rows_per_file < 1:

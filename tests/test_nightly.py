@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +88,7 @@ def test_a_finished_date_is_not_run_again(day1):
 
 
 def test_next_day_reencodes_only_what_changed(day1, tmp_path):
-    config, _ = day1
+    config, report1 = day1
     old = pq.read_table(config.catalog)
     keep = pc.and_(pc.is_valid(old["item_id"]), pc.is_null(old["defect"]))  # clean rows only
     base = old.filter(keep)
@@ -110,6 +112,10 @@ def test_next_day_reencodes_only_what_changed(day1, tmp_path):
     ids = {r[0] for r in table_rows(os.path.join(report["run_dir"], "embeddings"), ["item_id"])}
     assert not ids & {r["item_id"] for r in removed}
     assert len(ids) == c["embedded"] + c["unchanged_skipped"]  # no row twice
+    # the modality balance counts the whole table and stands beside the previous night's figures
+    balance = report["modality_balance"]
+    assert sum(balance["counts"].values()) == len(ids)
+    assert balance["previous"]["image_share"] == report1["modality_balance"]["image_share"]
     assert storage.read_json(os.path.join(config.output_root, LATEST))["run_date"] == "2026-11-21"
 
 
@@ -292,3 +298,64 @@ def test_integer_ids_and_renamed_columns_give_the_same_outputs(tmp_path, tiny_mo
     counts, backfill, embedded = outputs["canonical"][:3]
     assert backfill["n_unlabelled"] > 0 and backfill["n_no_embedding"] == 0  # ids matched across stages
     assert all(isinstance(i, str) and not i.endswith(".0") for i, _, _ in embedded)
+
+
+# --- what a person sees: modality balance, the review page ----------------------------------------------
+
+
+def test_report_carries_the_modality_balance(day1):
+    config, report = day1
+    b = report["modality_balance"]
+    assert sum(b["counts"].values()) == report["counts"]["embedded"]
+    assert set(b["counts"]) <= {"image+title", "title", "image"}
+    assert b["sample"] > 20 and 0.0 <= b["image_share"] <= 1.0 and b["title_movement"] > 0
+    assert b["previous"] is None and b["flag"] is None  # the first night has nothing to compare with
+    text = open(os.path.join(report["run_dir"], "report.md")).read()
+    assert f"image share {b['image_share']:.3f}" in text and "title only" in text
+
+
+def test_a_large_change_in_modality_balance_is_flagged():
+    from pipeline.balance import compare_nights
+
+    yesterday = {"title_movement": 0.4, "image_movement": 0.2, "image_share": 0.33, "counts": {}}
+    steady = compare_nights({**yesterday, "image_share": 0.36}, yesterday)
+    assert steady["flag"] is None and steady["previous"]["image_share"] == 0.33
+    dropped = compare_nights({**yesterday, "image_movement": 0.01, "image_share": 0.02}, yesterday)
+    assert "image share moved -0.31" in dropped["flag"]
+
+
+def test_review_page_shows_the_largest_clusters_with_their_photos(day1):
+    config, report = day1
+    page = open(report["review"]).read()
+    clusters = pq.read_table(storage.parquet_files(os.path.join(report["run_dir"], "dedup", "duplicate_clusters"))).to_pandas()
+    sizes = sorted(clusters.groupby("cluster_id").size().tolist(), reverse=True)[:6]
+    shown = [int(s) for s in re.findall(r'<section class="cluster" data-size="(\d+)"', page)]
+    assert shown == sizes and shown  # the largest clusters, largest first
+    assert page.count('src="data:image/jpeg;base64,') >= 2 * len(shown)  # thumbnails embedded: no server needed
+    assert "just above" in page and "just below" in page and "confidence" in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian package chromium (apt-get install chromium; "
+                    ".ci/run installs it)")
+def test_review_page_renders_in_a_real_browser(day1, tmp_path):
+    """Headless Chromium opens the page from disk: every image decodes (none broken) and the screenshot
+    holds the photos (not a blank page)."""
+    from PIL import Image
+
+    _, report = day1
+    url = "file://" + os.path.abspath(report["review"])
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*args, "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body[^>]*>", dom.stdout)
+    assert body, dom.stderr[-2000:]
+    images = int(re.search(r'data-images="(\d+)"', body.group(0)).group(1))
+    broken = int(re.search(r'data-broken-images="(\d+)"', body.group(0)).group(1))
+    assert images > 10 and broken == 0
+    shot = tmp_path / "review.png"
+    subprocess.run([*args, "--window-size=1200,1600", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 40  # drawn product photos, not text on white
+    assert colourful.mean() > 0.01
