@@ -164,7 +164,7 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
 
 @main.command(name="embed")
 @click.argument("catalog")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir")
 @click.argument("out")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Rows per preprocess task batch and per encode call.")
@@ -183,12 +183,14 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
 def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: int, gpu: bool,
           encode_threads: int | None, previous: str | None, column_map: str | None, overwrite: bool) -> None:
     """Embed every row of CATALOG (Parquet file, directory or s3:// prefix) with MODEL_DIR and publish
-    the embedding table, its `_rejects/` and `_manifest.json` at OUT (local or s3://).
+    the embedding table, its `_rejects/` and `_manifest.json` at OUT (local or s3://). MODEL_DIR may be on
+    s3:// too: each machine fetches it once to a local cache (ITEM_PIPELINE_MODEL_CACHE).
 
     Example:
 
         item-pipeline embed sample.parquet model/ embeddings/ --batch-size 256 --previous embeddings-yesterday/
     """
+    from item_model import read_model_version
     from pipeline import storage
     from pipeline.catalog import CatalogSchemaError, ColumnMap, validate_schema
     from pipeline.embed import EmbedOptions, run_embed, summary_line
@@ -199,8 +201,9 @@ def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: 
             encode_threads=encode_threads, previous=previous, columns=ColumnMap.parse(column_map),
             overwrite=overwrite,
         )
-        # the cheap checks first, so that a bad catalog or a published OUT fails before Ray starts
+        # the cheap checks first, so that a bad catalog, model dir or a published OUT fails before Ray starts
         validate_schema(catalog, options.columns)
+        read_model_version(storage.local_dir(model_dir))  # an s3:// model dir is fetched here, once per machine
         storage.check_can_publish(out, overwrite)
         _init_ray()
         manifest = run_embed(catalog, model_dir, out, options)

@@ -22,6 +22,7 @@ from item_model.processor import has_title
 from .catalog import ColumnMap, id_as_string, open_dataset
 from .encode import Encoder, encode_rows
 from .eval_metrics import modality_movement
+from .storage import local_dir
 
 SAMPLE_ROWS = 256
 FLAG_SHARE_CHANGE = 0.10  # an image share that moves more than this from one night to the next is flagged
@@ -53,7 +54,7 @@ def modality_balance(catalog_uri: str, columns: ColumnMap, model_dir: str, embed
     rank = {i: r for r, i in enumerate(candidates)}
     rows = sorted(zip(id_as_string(table.column(columns.item_id)).to_pylist(), table.column(columns.title).to_pylist(),
                       table.column(image_col).to_pylist()), key=lambda r: rank[r[0]])
-    processor = ItemProcessor.from_pretrained(model_dir)
+    processor = ItemProcessor.from_pretrained(local_dir(model_dir))
     usable = [(t, im) for _, t, im in rows if has_title(t) and im and processor.images([im])[1][0]][:n]
     if not usable:
         return result

@@ -200,7 +200,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     # validate: schema, destination, duplicate ids (ids only), previous table
     storage.check_can_publish(out_uri, options.overwrite)
     _, needed = validate_schema(catalog_uri, columns)
-    model_version = read_model_version(model_dir)
+    model_version = read_model_version(storage.local_dir(model_dir))  # s3://: fetched once per machine
     dup, rows_in = duplicate_ids(catalog_uri, columns)
     previous = _read_previous(options.previous, model_version) if options.previous else {}
     winners, dup_rejects = _split_duplicates(catalog_uri, columns, needed, dup) if dup else (None, None)

@@ -18,6 +18,7 @@ import torch
 
 from item_model import MODEL_INPUTS, ItemProcessor, load_model_dir
 
+from . import storage
 from .catalog import ColumnMap
 from .rows import OK, Preprocess
 
@@ -32,7 +33,7 @@ class Encoder:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if num_threads:
             torch.set_num_threads(num_threads)
-        self._use(load_model_dir(model_dir, device)[0], device)
+        self._use(load_model_dir(storage.local_dir(model_dir), device)[0], device)
 
     @classmethod
     def of(cls, model: torch.nn.Module, device: str | torch.device = "cpu") -> "Encoder":

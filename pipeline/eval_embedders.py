@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
 
 from pipeline.encode import Encoder, encode_rows
+from pipeline.storage import local_dir
 
 
 class Embedder(Protocol):
@@ -29,7 +30,7 @@ def model_embedder(model_dir: str, batch_size: int = 64, device: str = "cpu") ->
     """An ITEm model dir as an embedder: the processor, then encode.Encoder (the embed job's encoder)."""
     from item_model import ItemProcessor
 
-    return loaded_model_embedder(Encoder(model_dir, device), ItemProcessor.from_pretrained(model_dir), batch_size)
+    return loaded_model_embedder(Encoder(model_dir, device), ItemProcessor.from_pretrained(local_dir(model_dir)), batch_size)
 
 
 def start_embedder(start: str = "minilm", batch_size: int = 64) -> Embedder:

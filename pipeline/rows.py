@@ -44,7 +44,7 @@ class Preprocess:
         drop_ids: frozenset[str] | set[str] = frozenset(),
         previous: Mapping[str, str] | None = None,
     ) -> None:
-        self.processor = ItemProcessor.from_pretrained(processor) if isinstance(processor, str) else processor
+        self.processor = ItemProcessor.from_pretrained(storage.local_dir(processor)) if isinstance(processor, str) else processor
         self.columns = columns
         self.drop_ids = drop_ids
         self.previous = previous or {}

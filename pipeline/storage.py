@@ -20,8 +20,11 @@ AWS_ENDPOINT_URL (MinIO, moto, ...), which botocore reads itself.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 MANIFEST = "_manifest.json"
+# where model dirs on object storage are copied to on each machine (override: ITEM_PIPELINE_MODEL_CACHE)
+MODEL_CACHE = os.environ.get("ITEM_PIPELINE_MODEL_CACHE", os.path.join(tempfile.gettempdir(), "item-pipeline-models"))
 
 
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -190,6 +195,40 @@ def _published_objects(fs: fsspec.AbstractFileSystem, root: str) -> list[str] | 
             paths = [f"{base}/{o}" for o in objects]
             return [p for p in paths if p.startswith(root + "/")]
     return None
+
+
+def local_dir(uri: str, version_file: str = "model_version") -> str:
+    """A local directory with the content of the directory at `uri` (a model dir): `uri` itself when local;
+    for s3://, a copy under MODEL_CACHE named by the URI and the content of its `version_file`, fetched once
+    per machine and version. The copy is made aside and renamed into place, so processes that fetch at the
+    same time (one encode actor each) never read a half copy; a new version of the dir gets a new copy."""
+    if is_local(uri):
+        return uri
+    fs, path = get_fs(uri)
+    path = path.rstrip("/")
+    try:
+        version = fs.cat_file(f"{path}/{version_file}").decode().strip()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} has no {version_file}: not a model dir (make one with `item-pipeline pretrain`)") from None
+    key = hashlib.sha256(f"{uri.rstrip('/')}\n{version}".encode()).hexdigest()[:16]
+    local = os.path.join(MODEL_CACHE, f"{version}-{key}")
+    if os.path.isdir(local):
+        return local
+    os.makedirs(MODEL_CACHE, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=MODEL_CACHE)
+    try:
+        for remote in fs.find(path):
+            target = os.path.join(tmp, remote[len(path) + 1 :])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get_file(remote, target)
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process put the same version in place first: use that one
+            if not os.path.isdir(local):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
 
 
 def remove(uri: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -249,3 +250,25 @@ def test_cli_embed_help_and_errors(tiny_model_dir, tmp_path) -> None:
     assert result.exit_code == 1 and "image_uri=NAME" in result.output  # fails before ray.init
     result = runner.invoke(main, ["embed", str(tmp_path / "c.parquet"), tiny_model_dir, "o", "--column-map", "x=y"])
     assert result.exit_code == 1 and "unknown" in result.output
+
+
+def test_a_model_dir_on_s3_is_fetched_once_and_embeds_as_the_local_one(ray_local, s3_env, catalog, tiny_model_dir,
+                                                                         tmp_path, monkeypatch) -> None:
+    """The cluster path: model dirs live on object storage; each machine copies one version once."""
+    monkeypatch.setattr(storage, "MODEL_CACHE", str(tmp_path / "cache"))
+    fs, _ = storage.get_fs("s3://models")
+    fs.mkdir("models")
+    fs.put(tiny_model_dir, "models/tiny", recursive=True)
+    local = storage.local_dir("s3://models/tiny")
+    assert storage.local_dir("s3://models/tiny") == local and len(os.listdir(tmp_path / "cache")) == 1  # fetched once
+    assert sorted(os.listdir(local)) == sorted(os.listdir(tiny_model_dir))
+    with pytest.raises(FileNotFoundError, match="not a model dir"):
+        storage.local_dir("s3://models/none")
+
+    options = dataclasses.replace(OPTIONS, concurrency=1)
+    from_s3 = run_embed(catalog[0], "s3://models/tiny", str(tmp_path / "from-s3"), options)
+    from_disk = run_embed(catalog[0], tiny_model_dir, str(tmp_path / "from-disk"), options)
+    assert from_s3["model_version"] == from_disk["model_version"] and from_s3["embedded"] == from_disk["embedded"]
+    a, b = (pq.read_table(storage.parquet_files(str(tmp_path / d)), columns=["item_id", "embedding"]).sort_by("item_id")
+            for d in ("from-s3", "from-disk"))
+    np.testing.assert_allclose(storage.embedding_matrix(a.column("embedding")), storage.embedding_matrix(b.column("embedding")), atol=1e-6)
