@@ -10,6 +10,7 @@ sample's.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,7 @@ def modality_balance(catalog_uri: str, columns: ColumnMap, model_dir: str, embed
     dataset = open_dataset(catalog_uri)
     ids = id_as_string(dataset.to_table(columns=[columns.item_id]).column(columns.item_id)).drop_null().to_pylist()
     # a few times n candidates, since some lack a title or a usable photo
-    candidates = sorted(set(ids), key=_id_rank)[: 4 * n]
+    candidates = heapq.nsmallest(4 * n, set(ids), key=_id_rank)
     image_col = columns.image if columns.image in dataset.schema.names else None
     result: dict[str, Any] = {"counts": modality_counts(embeddings_uri), "sample": 0}
     if image_col is None or not candidates:  # image_uri catalogs: counts only (no bulk fetch here)

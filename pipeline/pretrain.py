@@ -101,7 +101,8 @@ def iter_titles(catalog_uri: str, column: str) -> Iterator[str]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config` = {"train": TrainConfig dict, "model": ItemConfig dict,
-    "init_state": optional ObjectRef of initial weights}. Returns (rank 0) the run's history."""
+    "init_state": optional ObjectRef of initial weights, "progress_path": the file rank 0 appends a line to
+    per report}. Returns (rank 0) the run's history."""
     cfg = TrainConfig.from_dict(config["train"])
     model_config = ItemConfig.from_dict(config["model"])
     ctx = ray.train.get_context()
