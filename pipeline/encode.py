@@ -33,6 +33,9 @@ class Encoder:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if num_threads:
             torch.set_num_threads(num_threads)
+        # torch's CPU kernels (MKL loads them lazily, by dlopen) before any object-store client is loaded:
+        # loaded after the S3 stack, that dlopen can fail and MKL then exits the process
+        torch.ones(2, 2) @ torch.ones(2, 2)
         self._use(load_model_dir(storage.local_dir(model_dir), device)[0], device)
 
     @classmethod

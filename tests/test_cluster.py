@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import ray
 import yaml
 
@@ -29,8 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_env):
+def start_cluster():
     """Head (with the job server) + one worker node, 2 logical CPUs each; both inherit the S3 variables."""
     from ray.cluster_utils import Cluster
 
@@ -40,13 +38,13 @@ def cluster(s3_env):
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port})
     nodes.add_node(num_cpus=2)
     nodes.wait_for_nodes()
-    yield nodes, f"http://127.0.0.1:{port}"
-    nodes.shutdown()
+    return nodes, f"http://127.0.0.1:{port}"
 
 
-def _config(path, root: str) -> str:
+def _config(path, root: str, encode_actors: int) -> str:
+    """The test's nightly config: only resources differ between the runs (as between laptop and cluster)."""
     data = {"catalog": f"{root}/catalog/", "model_dir": f"{root}/model", "output_root": f"{root}/runs",
-            "embed": {"batch_size": 32, "encode_actors": 2, "encode_threads": 1},
+            "embed": {"batch_size": 32, "encode_actors": encode_actors, "encode_threads": 1},
             "index": {"shards": 2, "min_recall": 0.5},
             "dedup": {"threshold": 0.995, "calibrate_precision": 0}}
     path.write_text(yaml.safe_dump(data))
@@ -59,8 +57,7 @@ def _rows(uri: str, columns: list[str]) -> list[tuple]:
     return sorted(zip(*[table.column(c).to_pylist() for c in columns]), key=repr)
 
 
-def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(cluster, s3_env, tiny_model_dir, tmp_path):
-    nodes, dashboard = cluster
+def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(s3_env, tiny_model_dir, tmp_path):
     fs, _ = storage.get_fs("s3://cluster")
     fs.mkdir("cluster")
     catalog = tmp_path / "catalog.parquet"
@@ -69,26 +66,30 @@ def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(cluste
         fs.put(str(catalog), f"{root}/catalog/part-00000.parquet")
         fs.put(tiny_model_dir, f"{root}/model", recursive=True)
 
-    # the README's command, with the test's cluster and config
-    submit = ["ray", "job", "submit", "--address", dashboard, "--",
-              "item-pipeline", "nightly", "--config", _config(tmp_path / "multi.yaml", "s3://cluster/multi"), "--date", DAY]
-    job = subprocess.run(submit, capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-
-    # the same job on one node (its own local Ray), for comparison
+    # the reference: the same job on one node (its own local Ray), before the cluster exists
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     single = subprocess.run([sys.executable, "-m", "jobs.cli", "nightly", "--config",
-                             _config(tmp_path / "single.yaml", "s3://cluster/single"), "--date", DAY],
-                            cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600)
+                             _config(tmp_path / "single.yaml", "s3://cluster/single", 1), "--date", DAY],
+                            cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
 
-    # the work ran on both nodes: Ray's state API lists the job's tasks and actors with their node
-    from ray.util.state import list_actors, list_tasks
+    nodes, dashboard = start_cluster()
+    try:
+        # the README's command, with the test's cluster and config
+        submit = ["ray", "job", "submit", "--address", dashboard, "--working-dir", REPO, "--", "item-pipeline",
+                  "nightly", "--config", _config(tmp_path / "multi.yaml", "s3://cluster/multi", 2), "--date", DAY]
+        job = subprocess.run(submit, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
 
-    workers = [a.node_id for a in list_actors(address=nodes.address, filters=[("state", "!=", "DEPENDENCIES_UNREADY")], limit=10_000)
-               if "MapBatches(Encoder)" in (a.class_name or "")]
-    tasks = [t.node_id for t in list_tasks(address=nodes.address, limit=10_000) if "Preprocess" in (t.name or "")]
-    assert len(set(workers) | set(tasks)) == 2, (workers, tasks)
+        # the work ran on both nodes: Ray's state API lists the job's tasks and actors with their node
+        from ray.util.state import list_actors, list_tasks
+
+        actors = [a.node_id for a in list_actors(address=nodes.address, limit=10_000)
+                  if "MapBatches(Encoder)" in (a.class_name or "")]
+        tasks = [t.node_id for t in list_tasks(address=nodes.address, limit=10_000) if "Preprocess" in (t.name or "")]
+        assert len(set(actors) | set(tasks)) == 2, (actors, tasks)
+    finally:
+        nodes.shutdown()
 
     multi, one = (f"s3://cluster/{r}/runs/dt={DAY}" for r in ("multi", "single"))
     assert storage.read_json(f"{multi}/report.json")["counts"] == storage.read_json(f"{one}/report.json")["counts"]
