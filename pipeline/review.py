@@ -63,9 +63,8 @@ def read_listings(catalog_uri: str, columns: ColumnMap, item_ids: list[str]) -> 
             continue
         if image_col == columns.image_uri and image:
             try:
-                fs, path = storage.get_fs(image)
-                image = fs.cat_file(path)
-            except Exception:
+                image = storage.read_bytes(image)
+            except Exception:  # a photo that cannot be fetched is shown as "no image"
                 image = None
         out[item_id] = {"title": title, "image": image}
     return out
@@ -85,17 +84,18 @@ def _clusters(dedup_uri: str, n: int) -> tuple[list[list[str]], pd.DataFrame]:
 def _below_threshold(index_uri: str, embeddings_uri: str, threshold: float, n: int, seed: int,
                      sample: int = 500, k: int = 6) -> list[tuple[str, str, float]]:
     """The highest-scoring neighbour pairs under the threshold, from a seeded sample of items."""
-    ids, vectors, _ = read_embedding_table(embeddings_uri)
-    if len(ids) < 2:
+    all_ids = open_dataset(embeddings_uri).to_table(columns=["item_id"]).column("item_id").to_pylist()
+    if len(all_ids) < 2:
         return []
-    rows = np.random.default_rng(seed).choice(len(ids), min(sample, len(ids)), replace=False)
-    scores, found = ShardedIndex.load(index_uri).search(vectors[rows], k)
+    chosen = np.random.default_rng(seed).choice(len(all_ids), min(sample, len(all_ids)), replace=False)
+    ids, vectors, _ = read_embedding_table(embeddings_uri, [all_ids[i] for i in chosen])  # only the sample's vectors
+    scores, found = ShardedIndex.load(index_uri).search(vectors, k)
     below: dict[tuple[str, str], float] = {}
-    for q, row in enumerate(rows):
+    for q, own in enumerate(ids):
         for score, other in zip(scores[q], found[q]):
-            if other is None or other == ids[row] or not np.isfinite(score) or score >= threshold:
+            if other is None or other == own or not np.isfinite(score) or score >= threshold:
                 continue
-            below[tuple(sorted((str(ids[row]), str(other))))] = float(score)
+            below[tuple(sorted((str(own), str(other))))] = float(score)
     return [(a, b, s) for (a, b), s in sorted(below.items(), key=lambda kv: -kv[1])[:n]]
 
 

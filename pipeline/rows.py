@@ -23,11 +23,6 @@ from .catalog import ColumnMap, content_hash, id_as_string
 OK, REJECT, UNCHANGED = "ok", "reject", "unchanged"
 
 
-def _fetch(uri: str) -> bytes:
-    fs, path = storage.get_fs(uri)
-    return fs.cat_file(path)
-
-
 class Preprocess:
     """Catalog rows -> model inputs (numpy) plus each row's status, reason, modalities and content hash.
 
@@ -62,7 +57,7 @@ class Preprocess:
                 errors.append("")
                 continue
             try:
-                images.append(_fetch(uri))
+                images.append(storage.read_bytes(uri))
                 errors.append("")
             except Exception as e:  # any storage error: the row continues without its image
                 images.append(None)

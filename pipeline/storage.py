@@ -65,6 +65,12 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def read_bytes(uri: str) -> bytes:
+    """The whole object at a local path or s3:// URI (a listing's photo by `image_uri`)."""
+    fs, path = get_fs(uri)
+    return fs.cat_file(path)
+
+
 def read_json(uri: str) -> dict[str, Any]:
     fs, path = get_fs(uri)
     with fs.open(path, "r") as f:
