@@ -54,7 +54,7 @@ def generate(n: int, d: int, seed: int, dup_share: float = 0.05) -> tuple[np.nda
     return np.array([f"item-{i:08d}" for i in range(n)], dtype=object), vectors
 
 
-def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray, content_hash: np.ndarray | None = None) -> None:
     storage.remove(uri)
     with storage.staging(uri) as stage:
         for f, start in enumerate(range(0, len(ids), ROWS_PER_FILE)):
@@ -65,7 +65,7 @@ def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray) -> None:
                     "item_id": pa.array(ids[rows].tolist(), pa.string()),
                     "embedding": storage.embedding_array(vectors[rows]),
                     "modalities": pa.array(["image+title"] * n),
-                    "content_hash": pa.array([""] * n),
+                    "content_hash": pa.array([""] * n if content_hash is None else content_hash[rows].tolist(), pa.string()),
                     "model_version": pa.array(["bench-synthetic"] * n),
                     "embedded_at": pa.array([dt.datetime(2025, 1, 1)] * n, pa.timestamp("us")),
                 }

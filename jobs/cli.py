@@ -222,13 +222,22 @@ def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: 
 @click.option("--eval-queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Held-back queries for the recall written to the manifest.")
 @click.option("--tune-queries", type=click.IntRange(min=1), default=500, show_default=True, help="Other held-back queries used to tune nprobe / efSearch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample, query sample and k-means.")
+@click.option("--update-from", "previous", metavar="INDEX",
+              help="Update this published index with the changes of EMBEDDINGS since the table it was made from, "
+                   "instead of building from scratch (rebuilt anyway when it cannot be, saying why).")
+@click.option("--max-changed-share", type=click.FloatRange(0, 1), default=0.10, show_default=True,
+              help="With --update-from: rebuild once the items changed since the last full build pass this share.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
-def build_index_cmd(embeddings, out, shards, spec, memory_budget, min_recall, eval_queries, tune_queries, seed, overwrite):
+def build_index_cmd(embeddings, out, shards, spec, memory_budget, min_recall, eval_queries, tune_queries, seed,
+                    previous, max_changed_share, overwrite):
     """Build the sharded FAISS index of the embedding table EMBEDDINGS into OUT.
 
     Example: item-pipeline build-index runs/emb runs/index --shards 4 --memory-budget 2GiB
+
+    item-pipeline build-index runs/dt=2026-11-21/embeddings runs/dt=2026-11-21/index --update-from runs/dt=2026-11-20/index
     """
-    from pipeline.index_build import IndexBuildConfig, build_index
+    from pipeline.index_build import IndexBuildConfig
+    from pipeline.index_update import build_or_update
 
     config = IndexBuildConfig(
         n_shards=shards, spec=spec, memory_budget_bytes=parse_bytes(memory_budget), min_recall=min_recall,
@@ -236,12 +245,13 @@ def build_index_cmd(embeddings, out, shards, spec, memory_budget, min_recall, ev
     )
     _init_ray()
     try:
-        manifest = build_index(embeddings, out, config, overwrite=overwrite)
+        manifest = build_or_update(embeddings, out, config, previous, max_changed_share if previous else 0.0, overwrite)
     except USER_ERRORS as e:
         raise _fail(e) from e
     click.echo(
         f"published {out}: {manifest['spec']} x {len(manifest['shards'])} shards, {manifest['n_vectors']} vectors, "
         f"search {manifest['search_params']}, recall@10 {manifest['recall_at_10']}, {manifest['build_seconds']} s"
+        + (f"; {'updated' if manifest['mode'] == 'update' else 'built from scratch'}: {manifest['reason']}" if previous else "")
     )
 
 

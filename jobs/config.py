@@ -35,6 +35,10 @@ class IndexStage:
     spec: str = "auto"  # "auto" or a FAISS index factory string
     min_recall: float = 0.95  # recall@10 vs exact search below which the build fails
     memory_budget_gb: float = 4.0  # for the auto index choice
+    # the previous night's index is updated (deleted and edited items removed, new and edited ones added)
+    # while the items changed since its last full build stay under this share of that build's vectors and
+    # the updated index passes min_recall; otherwise it is rebuilt. 0: rebuild every night
+    max_changed_share: float = 0.10
 
 
 @dataclass
@@ -114,6 +118,7 @@ def parse_config(data: dict[str, Any]) -> NightlyConfig:
     for key, value in [("index.min_recall", config.index.min_recall), ("dedup.threshold", config.dedup.threshold),
                        ("dedup.calibrate_precision", config.dedup.calibrate_precision),
                        ("dedup.max_cluster_share", config.dedup.max_cluster_share),
+                       ("index.max_changed_share", config.index.max_changed_share),
                        ("backfill.min_confidence", config.backfill.min_confidence)]:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be between 0 and 1, got {value}")

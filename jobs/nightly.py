@@ -73,15 +73,16 @@ def advance_latest(config: NightlyConfig) -> dict[str, str] | None:
     return current
 
 
-def previous_embeddings(config: NightlyConfig, run_date: dt.date) -> str | None:
-    """The embedding table of the last successful run before `run_date` (from latest.json), if any."""
+def previous_run(config: NightlyConfig, run_date: dt.date) -> str | None:
+    """The run dir of the last successful run before `run_date` (from latest.json), if any: its embedding
+    table is the embed stage's incremental base, its index the one the index stage updates."""
     latest = storage.join(config.output_root, LATEST)
     if not storage.exists(latest):
         return None
     pointer = storage.read_json(latest)
     if pointer["run_date"] >= run_date.isoformat():
         return None  # a back-fill of an older date does not read the future
-    return storage.join(pointer["run_dir"], "embeddings")
+    return pointer["run_dir"]
 
 
 def _stage_embed(config: NightlyConfig, run_date: dt.date, out: str, previous: str | None) -> dict:
@@ -96,14 +97,14 @@ def _stage_embed(config: NightlyConfig, run_date: dt.date, out: str, previous: s
     return run_embed(config.catalog, config.model_dir, out, options)
 
 
-def _stage_index(config: NightlyConfig, embeddings: str, out: str) -> dict:
-    from pipeline.index_build import IndexBuildConfig, build_index
+def _stage_index(config: NightlyConfig, embeddings: str, out: str, previous: str | None) -> dict:
+    from pipeline.index_build import IndexBuildConfig
+    from pipeline.index_update import build_or_update
 
     i = config.index
-    return build_index(embeddings, out, IndexBuildConfig(
-        n_shards=i.shards, spec=i.spec, min_recall=i.min_recall,
-        memory_budget_bytes=int(i.memory_budget_gb * 2**30),
-    ))
+    build = IndexBuildConfig(n_shards=i.shards, spec=i.spec, min_recall=i.min_recall,
+                             memory_budget_bytes=int(i.memory_budget_gb * 2**30))
+    return build_or_update(embeddings, out, build, previous, i.max_changed_share)
 
 
 def _stage_dedup(config: NightlyConfig, index: str, embeddings: str, out: str) -> dict:
@@ -139,10 +140,11 @@ def run_nightly(config: NightlyConfig, run_date: dt.date) -> dict[str, Any]:
 
     out = {stage: storage.join(root, stage) for stage in STAGES}
     advance_latest(config)  # repair a pointer a crash left behind before reading it
-    previous = previous_embeddings(config, run_date)
+    before = previous_run(config, run_date)
+    previous = storage.join(before, "embeddings") if before else None
     steps: dict[str, Callable[[], dict]] = {
         "embeddings": lambda: _stage_embed(config, run_date, out["embeddings"], previous),
-        "index": lambda: _stage_index(config, out["embeddings"], out["index"]),
+        "index": lambda: _stage_index(config, out["embeddings"], out["index"], storage.join(before, "index") if before else None),
         "dedup": lambda: _stage_dedup(config, out["index"], out["embeddings"], out["dedup"]),
         "backfill": lambda: _stage_backfill(config, out["index"], out["embeddings"], out["backfill"]),
     }
@@ -191,7 +193,8 @@ def _balance(config: NightlyConfig, embeddings: str, previous: str | None) -> di
 def stage_summary(stage: str, m: dict[str, Any]) -> str:
     """One line of what a published stage holds, from its manifest."""
     if stage == "index":
-        return f"{m.get('spec')} in {len(m.get('shards', []))} shards, {m.get('n_vectors')} vectors, recall@10 {m.get('recall_at_10')}"
+        return (f"{m.get('mode', 'build')} of {m.get('spec')} in {len(m.get('shards', []))} shards, {m.get('n_vectors')} "
+                f"vectors, recall@10 {m.get('recall_at_10')} ({m.get('reason', 'full build')})")
     if stage == "dedup":
         return f"{m['n_pairs']} pairs in {m['n_clusters']} clusters at cosine >= {m['threshold']:.4f}"
     if stage == "backfill":
@@ -214,7 +217,9 @@ def build_report(run_date: dt.date, root: str, previous: str | None, manifests: 
         "image_errors": emb["image_errors"],
         "modalities": emb.get("modalities", {}),
         "index": {"recall_at_10": idx.get("recall_at_10"), "shards": len(idx.get("shards", [])),
-                  "spec": idx.get("spec"), "vectors": idx.get("n_vectors")},
+                  "spec": idx.get("spec"), "vectors": idx.get("n_vectors"), "mode": idx.get("mode", "build"),
+                  "reason": idx.get("reason"), "changes": idx.get("changes"),
+                  "changed_since_build": idx.get("changed_since_build")},
         "dedup": {"threshold": dup["threshold"], "calibration": dup.get("calibration"), "pairs": dup["n_pairs"], "clusters": dup["n_clusters"],
                   "cluster_size_histogram": dup["cluster_size_histogram"], "cluster_quality": dup.get("cluster_quality")},
         "backfill": {**{k: bf.get(k) for k in ("n_unlabelled", "n_filled", "n_unfilled", "n_no_embedding", "fill_accuracy")},
@@ -240,7 +245,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"rejected {c['rejected']} ({'reconciles' if report['reconciles'] else 'DOES NOT RECONCILE'})",
         f"- rejects by reason: {rejects}; image errors (embedded from title): {image_errors}",
         *_balance_lines(report.get("modality_balance")),
-        f"- index: {i['spec']} in {i['shards']} shards, recall@10 vs exact {i['recall_at_10']}",
+        f"- index: {i['spec']} in {i['shards']} shards, recall@10 vs exact {i['recall_at_10']}; "
+        f"{'updated' if i.get('mode') == 'update' else 'built from scratch'}: {i.get('reason') or 'full build'}",
         f"- duplicates at cosine >= {d['threshold']:.4f}"
         + (f" (calibrated to precision {d['calibration']['precision']:.3f} on labelled groups)" if d.get("calibration") else "")
         + f": {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})",

@@ -3,12 +3,17 @@
 Index dir layout (a published directory, see `storage`):
 
     shard-00000-<token>.faiss         one FAISS index per shard, faiss row id = row in its id map
-    shard-00000-<token>.ids.parquet   the id map: one column `item_id`, row i = faiss row id i
+    shard-00000-<token>.ids.parquet   the id map: `faiss_id` (int64, ascending) -> `item_id`; a full
+                                      build numbers the rows 0..n-1, an update keeps the ids of the rows
+                                      it leaves and gives new rows ids above the largest (an index from
+                                      before `faiss_id` existed maps row i to faiss id i)
                                       (<token>: unique to the publish, storage.part_name)
     ...
     _manifest.json            model_version, model_dir, embeddings (the table it was built from), dim,
                               metric, spec, shards [{faiss, ids, n_vectors}], search_params, tuning trials,
-                              recall_at_10 vs exact on n_queries held-back queries, build_seconds, seed
+                              recall_at_10 vs exact on n_queries held-back queries, build_seconds, seed,
+                              mode (build | update) and why, the last full build and the changes since
+                              (pipeline/index_update.py)
 
 Metric: inner product on L2-normalised vectors (= cosine similarity). All shards come from one trained
 empty index (same coarse quantizer and codec), so a search parameter means the same on every shard.
@@ -160,12 +165,85 @@ def fill_shard(
     # HNSW insertion order depends on thread timing: one thread keeps the graph deterministic.
     faiss.omp_set_num_threads(1 if search_param_name(index) == "efSearch" else threads)
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return write_shard(index, np.arange(len(vectors), dtype=np.int64), item_ids, out_uri, shard)
+
+
+def update_shard(
+    index: faiss.Index, faiss_ids: np.ndarray, item_ids: np.ndarray, remove: Sequence[str],
+    vectors: np.ndarray, add_ids: Sequence[Any], threads: int,
+) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+    """Remove the rows of the item ids in `remove` from a loaded shard and add `vectors` under `add_ids`;
+    the trained quantizer and codec stay. Returns (index, faiss_ids, item_ids), the id map ascending.
+
+    An IVF shard keeps the faiss ids of the rows it keeps and numbers new rows above the largest; a Flat
+    shard renumbers its rows 0..n-1 (FAISS compacts it), which the returned map follows. HNSW cannot
+    remove vectors: ValueError.
+    """
+    if not updatable(type(faiss.downcast_index(index)).__name__):
+        raise ValueError(f"a {type(faiss.downcast_index(index)).__name__} shard cannot remove vectors: rebuild it")
+    faiss.omp_set_num_threads(threads)
+    gone = np.isin(item_ids, np.asarray(list(remove), dtype=object))
+    if gone.any():
+        index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(faiss_ids[gone], dtype=np.int64)))
+    faiss_ids, item_ids = faiss_ids[~gone], item_ids[~gone]
+    stable = ivf_or_none(index) is not None
+    if not stable:
+        faiss_ids = np.arange(len(item_ids), dtype=np.int64)
+    if len(vectors):
+        first = int(faiss_ids[-1]) + 1 if len(faiss_ids) else 0
+        new = np.arange(first, first + len(vectors), dtype=np.int64)
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        index.add_with_ids(x, new) if stable else index.add(x)
+        faiss_ids = np.concatenate([faiss_ids, new])
+        item_ids = np.concatenate([item_ids, np.asarray([str(i) for i in add_ids], dtype=object)])
+    if index.ntotal != len(item_ids):
+        raise IndexFilesError(f"shard holds {index.ntotal} vectors after the update but its id map {len(item_ids)}")
+    return index, faiss_ids, item_ids
+
+
+def updatable(spec: str) -> bool:
+    """Whether shards of `spec` (a factory string or an index class name) can remove and add vectors in
+    place: Flat and IVF can; HNSW cannot remove from its graph, a refined index (RFlat) neither."""
+    return spec in ("Flat", "IndexFlat", "IndexFlatIP") or (spec.startswith(("IVF", "IndexIVF")) and not spec.endswith("RFlat"))
+
+
+def write_shard(index: faiss.Index, faiss_ids: np.ndarray, item_ids: Sequence[Any], out_uri: str, shard: int) -> dict:
+    """Write one shard's FAISS file and id map under fresh names in `out_uri`; returns its manifest entry."""
     faiss_name, ids_name = (storage.part_name(out_uri, name) for name in shard_names(shard))
     write_index(index, storage.join(out_uri, faiss_name))
     fs, ids_path = storage.get_fs(storage.join(out_uri, ids_name))
     with fs.open(ids_path, "wb") as f:
-        pq.write_table(pa.table({"item_id": pa.array([str(i) for i in item_ids], pa.string())}), f)
+        pq.write_table(pa.table({"faiss_id": pa.array(faiss_ids, pa.int64()),
+                                 "item_id": pa.array([str(i) for i in item_ids], pa.string())}), f)
     return {"faiss": faiss_name, "ids": ids_name, "n_vectors": int(index.ntotal)}
+
+
+def read_shard(uri: str, entry: dict, spec: str, cache_dir: str) -> IndexShard:
+    """One shard of an index dir (a manifest entry), checked: IndexFilesError naming the file, else."""
+    fix = f"Rebuild the index with `item-pipeline build-index ... {uri} --overwrite`."
+    faiss_uri, ids_uri = storage.join(uri, entry["faiss"]), storage.join(uri, entry["ids"])
+    for part in (faiss_uri, ids_uri):
+        if not storage.exists(part):
+            raise IndexFilesError(f"index shard file {part} is missing. {fix}")
+    try:
+        index = _read_index(faiss_uri, spec, cache_dir)
+    except RuntimeError as e:
+        raise IndexFilesError(f"index shard {faiss_uri} cannot be read ({_first_line(e)}). {fix}") from e
+    try:
+        fs, ids_path = storage.get_fs(ids_uri)
+        with fs.open(ids_path, "rb") as f:
+            table = pq.read_table(f)
+        ids = table.column("item_id").to_numpy(zero_copy_only=False).astype(object)
+        faiss_ids = (table.column("faiss_id").to_numpy() if "faiss_id" in table.column_names
+                     else np.arange(len(ids), dtype=np.int64))  # written before faiss_id existed: row = id
+    except (pa.ArrowException, KeyError, OSError) as e:
+        raise IndexFilesError(f"id map {ids_uri} cannot be read ({e}). {fix}") from e
+    if index.ntotal != len(ids) or index.ntotal != entry["n_vectors"] or np.any(np.diff(faiss_ids) <= 0):
+        raise IndexFilesError(
+            f"index shard {faiss_uri} holds {index.ntotal} vectors, but its id map has {len(ids)} rows (ascending "
+            f"faiss ids: {bool(np.all(np.diff(faiss_ids) > 0))}) and the manifest says {entry['n_vectors']}. {fix}"
+        )
+    return IndexShard(entry["faiss"], index, ids, faiss_ids)
 
 
 def write_index(index: faiss.Index, uri: str) -> None:
@@ -233,7 +311,8 @@ class IndexShard:
 
     name: str  # file name of the FAISS index, e.g. shard-00003.faiss
     index: faiss.Index
-    item_ids: np.ndarray  # [n] object (str): faiss row id -> item_id
+    item_ids: np.ndarray  # [n] object (str): row of the id map -> item_id
+    faiss_ids: np.ndarray  # [n] int64 ascending: row of the id map -> faiss id
 
 
 class ShardedIndex:
@@ -258,30 +337,12 @@ class ShardedIndex:
         Raises IndexFilesError naming the shard when a file is missing, unreadable, or its id map
         does not match the index's vector count.
         """
-        loaded = []
         fix = f"Rebuild the index with `item-pipeline build-index ... {uri} --overwrite`."
         with tempfile.TemporaryDirectory() as cache_dir:
-            for entry in shards:
-                faiss_uri, ids_uri = storage.join(uri, entry["faiss"]), storage.join(uri, entry["ids"])
-                for part in (faiss_uri, ids_uri):
-                    if not storage.exists(part):
-                        raise IndexFilesError(f"index shard file {part} is missing. {fix}")
-                try:
-                    index = _read_index(faiss_uri, spec, cache_dir)
-                except RuntimeError as e:
-                    raise IndexFilesError(f"index shard {faiss_uri} cannot be read ({_first_line(e)}). {fix}") from e
-                try:
-                    fs, ids_path = storage.get_fs(ids_uri)
-                    with fs.open(ids_path, "rb") as f:
-                        ids = pq.read_table(f, columns=["item_id"]).column("item_id").to_numpy(zero_copy_only=False)
-                except (pa.ArrowException, KeyError, OSError) as e:
-                    raise IndexFilesError(f"id map {ids_uri} cannot be read ({e}). {fix}") from e
-                if index.d != dim or index.ntotal != len(ids) or index.ntotal != entry["n_vectors"]:
-                    raise IndexFilesError(
-                        f"index shard {faiss_uri} holds {index.ntotal} vectors of dim {index.d}, but its id map has "
-                        f"{len(ids)} rows and the manifest says {entry['n_vectors']} of dim {dim}. {fix}"
-                    )
-                loaded.append(IndexShard(entry["faiss"], index, ids.astype(object)))
+            loaded = [read_shard(uri, entry, spec, cache_dir) for entry in shards]
+        for shard in loaded:
+            if shard.index.d != dim:
+                raise IndexFilesError(f"index shard {shard.name} holds vectors of dim {shard.index.d}, the manifest says {dim}. {fix}")
         _check_same_quantizer(loaded, fix)
         return cls(loaded, dim, search_params)
 
@@ -322,7 +383,8 @@ class ShardedIndex:
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)
         for shard, base in zip(self.shards, self._bases):
             d, i = shard.index.search(queries, k) if coarse is None else shard.index.search_preassigned(queries, k, *coarse)
-            heap.add_result(d, np.where(i < 0, -1, i + base))
+            row = np.searchsorted(shard.faiss_ids, i)  # faiss id -> row of the shard's id map
+            heap.add_result(d, np.where(i < 0, -1, row + base))
         heap.finalize()
         found = heap.I >= 0
         ids = np.full(heap.I.shape, None, dtype=object)

@@ -36,8 +36,10 @@ def _fill_shard_task(trained: bytes, vectors: np.ndarray, item_ids: np.ndarray, 
     return ix.fill_shard(trained, vectors, item_ids, out_uri, shard, threads)
 
 
-def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, overwrite: bool = False) -> dict:
-    """Build and publish the sharded index of a published embedding table; returns its manifest.
+def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, overwrite: bool = False,
+                reason: str = "asked for a full build") -> dict:
+    """Build and publish the sharded index of a published embedding table; returns its manifest (`reason`:
+    why it is built from scratch, recorded there; index_update.build_or_update decides).
 
     Needs Ray initialised by the caller. Raises RecallTooLowError (nothing published) when recall@10 on
     held-back queries stays under `config.min_recall`, ValueError on bad input (not normalised, too few
@@ -112,7 +114,11 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
             "config": asdict(config),
             "seed": config.seed,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "mode": "build",
+            "reason": reason,
+            "changed_since_build": 0,
         }
+        manifest["base_build"] = {"built_at": manifest["built_at"], "n_vectors": n}
         manifest = storage.publish(stage, out_uri, manifest, overwrite=overwrite)
     return manifest
 

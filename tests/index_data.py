@@ -48,8 +48,10 @@ def make_catalog(n: int = 3000, d: int = 32, n_categories: int = 8, n_groups: in
     return Catalog(ids, vectors[order], labels[order], group[order], ambiguous[order])
 
 
-def write_embedding_table(uri: str, ids: np.ndarray, vectors: np.ndarray, n_files: int = 2) -> None:
-    """A published embedding table as the embed stage writes it (contract in ARCHITECTURE.md)."""
+def write_embedding_table(uri: str, ids: np.ndarray, vectors: np.ndarray, n_files: int = 2,
+                          hashes: np.ndarray | None = None) -> None:
+    """A published embedding table as the embed stage writes it (contract in ARCHITECTURE.md); the content
+    hash of row i is `hashes[i]`, or "h<i>"."""
     n, d = vectors.shape
     with storage.staging(uri) as stage:
         for f, rows in enumerate(np.array_split(np.arange(n), n_files)):
@@ -58,7 +60,7 @@ def write_embedding_table(uri: str, ids: np.ndarray, vectors: np.ndarray, n_file
                     "item_id": pa.array(ids[rows].tolist(), pa.string()),
                     "embedding": storage.embedding_array(vectors[rows]),
                     "modalities": pa.array(["image+title"] * len(rows)),
-                    "content_hash": pa.array([f"h{i}" for i in rows]),
+                    "content_hash": pa.array([f"h{i}" for i in rows] if hashes is None else list(hashes[rows])),
                     "model_version": pa.array(["test-model-v1"] * len(rows)),
                     "embedded_at": pa.array([dt.datetime(2025, 1, 1)] * len(rows), pa.timestamp("us")),
                 }

@@ -100,7 +100,10 @@ def test_next_day_reencodes_only_what_changed(day1, tmp_path):
     day2_rows = edited + rows[7:] + added + broken
     catalog2 = str(tmp_path / "catalog2.parquet")
     pq.write_table(pa.Table.from_pylist(day2_rows, schema=old.schema), catalog2)
-    config2 = parse_config({**_as_dict(config), "catalog": catalog2})
+    # day 1's rows with a defect that still embeds (no image, no title, bad image) are left out too: 22
+    # changes on 154 rows, so the index update limit is raised over that for this night
+    config2 = parse_config({**_as_dict(config), "catalog": catalog2,
+                            "index": {**_as_dict(config)["index"], "max_changed_share": 0.2}})
 
     report = run_nightly(config2, DAY2)
     c = report["counts"]
@@ -112,6 +115,17 @@ def test_next_day_reencodes_only_what_changed(day1, tmp_path):
     ids = {r[0] for r in table_rows(os.path.join(report["run_dir"], "embeddings"), ["item_id"])}
     assert not ids & {r["item_id"] for r in removed}
     assert len(ids) == c["embedded"] + c["unchanged_skipped"]  # no row twice
+    # the index was updated in place of a rebuild and holds exactly tonight's rows: the removed ones are
+    # gone, the new ones are found
+    index = report["index"]
+    day1_ids = {r[0] for r in table_rows(os.path.join(report1["run_dir"], "embeddings"), ["item_id"])}
+    deleted = len(day1_ids - ids)
+    assert index["mode"] == "update", index
+    assert index["changes"] == {"added": len(added), "edited": len(edited), "deleted": deleted}
+    shards = ShardedIndex.load(os.path.join(report["run_dir"], "index"))
+    assert set(np.concatenate([s.item_ids for s in shards.shards]).tolist()) == ids
+    with open(os.path.join(report["run_dir"], "report.md")) as f:
+        assert f"updated: {len(added)} added, {len(edited)} edited, {deleted} deleted" in f.read()
     # the modality balance counts the whole table and stands beside the previous night's figures
     balance = report["modality_balance"]
     assert sum(balance["counts"].values()) == len(ids)
