@@ -68,7 +68,8 @@ def change(ids: np.ndarray, vectors: np.ndarray, share: float, seed: int) -> tup
 @click.option("--queries", default=1000, show_default=True, help="Random day-1 rows added to the measured queries.")
 @click.option("--work", default="bench-output/index-update", show_default=True, help="Scratch directory (deleted first).")
 @click.option("--seed", default=0, show_default=True, help="Data and build seed.")
-def main(dim, n, changed, shards, memory_budget, queries, work, seed):
+@click.option("--keep", is_flag=True, help="Keep the scratch directory (tables and indexes) for inspection.")
+def main(dim, n, changed, shards, memory_budget, queries, work, seed, keep):
     """Run the benchmark and print a Markdown table."""
     shutil.rmtree(work, ignore_errors=True)
     paths = {name: os.path.join(work, name) for name in ("emb0", "emb1", "idx0", "idx1-update", "idx1-rebuild")}
@@ -123,12 +124,13 @@ def main(dim, n, changed, shards, memory_budget, queries, work, seed):
         ("recall@10 in the manifests: update (new vectors) / rebuild (held back)",
          f"{updated['recall_at_10']:.4f} / {rebuilt['recall_at_10']:.4f}"),
         ("deleted items returned by the updated index (every row's top-10)", f"{stale}"),
-        ("peak RSS of the driver", f"{peak_rss_gib():.2f} GiB"),
+        ("peak RSS of this process (both tables generated, the rebuild's read, three indexes loaded)", f"{peak_rss_gib():.2f} GiB"),
     ]
     print("\n| measure | value |\n|---|---|")
     for name, value in table:
         print(f"| {name} | {value} |")
-    storage.remove(work)
+    if not keep:
+        storage.remove(work)
 
 
 if __name__ == "__main__":

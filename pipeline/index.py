@@ -33,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -182,7 +183,8 @@ def update_shard(
     if not updatable(type(faiss.downcast_index(index)).__name__):
         raise ValueError(f"a {type(faiss.downcast_index(index)).__name__} shard cannot remove vectors: rebuild it")
     faiss.omp_set_num_threads(threads)
-    gone = np.isin(item_ids, np.asarray(list(remove), dtype=object))
+    # a hash lookup (Arrow's is_in): numpy's isin on object arrays sorts them, 10 s on 250k ids
+    gone = pc.is_in(pa.array(item_ids, pa.string()), value_set=pa.array(list(remove), pa.string())).to_numpy(zero_copy_only=False)
     if gone.any():
         index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(faiss_ids[gone], dtype=np.int64)))
     faiss_ids, item_ids = faiss_ids[~gone], item_ids[~gone]

@@ -88,24 +88,59 @@ def table_changes(previous_uri: str, current_uri: str) -> Changes:
                    deleted=ids(pc.and_(in_old, pc.invert(in_new))), n_current=len(new))
 
 
-def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a whole embedding table, read one
-    record batch at a time (FAISS brute force per batch, merged in a ResultHeap): the table is never held."""
+def _batches(embeddings_uri: str, columns: list[str]):
+    """Record batches of a published table, file by file in storage order: one batch in memory at a time."""
     fs, _ = storage.get_fs(embeddings_uri)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    ids, base = [], 0
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
     for path in storage.parquet_files(embeddings_uri):
         with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=["item_id", "embedding"]):
-                vectors = storage.embedding_matrix(batch.column("embedding"))
-                d, i = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-                heap.add_result(np.ascontiguousarray(d), np.where(i < 0, -1, i + base))
-                ids.append(batch.column("item_id").cast(pa.string()))
-                base += len(vectors)
-    heap.finalize()
-    all_ids = pa.chunked_array(ids, pa.string()).to_numpy(zero_copy_only=False).astype(object) if ids else np.zeros(0, object)
-    return np.where(heap.I >= 0, all_ids[np.maximum(heap.I, 0)], None)
+            yield from pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=columns)
+
+
+def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a whole embedding table, read one
+    record batch at a time: the table's vectors are never all held. Per batch one matrix product; only
+    scores above a query's current k-th best are kept (after the first batch, a few per query). The item
+    ids are read as a column of their own at the end."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # descending per row
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    base = 0
+    for batch in _batches(embeddings_uri, ["embedding"]):
+        scores = queries @ storage.embedding_matrix(batch.column(0)).T  # [Q, B]
+        above = scores > best_s[:, -1:]
+        counts = above.sum(axis=1)
+        if counts.max() > 4 * k:  # the first batches: a partial sort of each row
+            top = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+            cand_s, cand_i = np.take_along_axis(scores, top, axis=1), top + base
+        else:  # later ones: the few scores above the k-th best, padded into [Q, max count]
+            rows, cols = np.nonzero(above)
+            slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+            cand_s = np.full((len(queries), max(int(counts.max()), 1)), -np.inf, dtype=np.float32)
+            cand_i = np.full(cand_s.shape, -1, dtype=np.int64)
+            cand_s[rows, slot], cand_i[rows, slot] = scores[rows, cols], cols + base
+        merged_s, merged_i = np.concatenate([best_s, cand_s], axis=1), np.concatenate([best_i, cand_i], axis=1)
+        order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(merged_s, order, axis=1), np.take_along_axis(merged_i, order, axis=1)
+        base += scores.shape[1]
+    fs, _ = storage.get_fs(embeddings_uri)
+    ids = pq.read_table(storage.parquet_files(embeddings_uri), filesystem=fs, columns=["item_id"]).column("item_id")
+    ids = ids.cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
+    return np.where(best_i >= 0, ids[np.maximum(best_i, 0)], None)
+
+
+def read_vectors(embeddings_uri: str, item_ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of the rows of `item_ids` in a table, in one streamed pass (a hash lookup per batch)."""
+    wanted = pa.array(list(item_ids), pa.string())
+    ids, vectors = [], []
+    for batch in _batches(embeddings_uri, ["item_id", "embedding"]):
+        keep = pc.is_in(batch.column(0).cast(pa.string()), value_set=wanted)
+        if pc.any(keep).as_py():
+            part = batch.filter(keep)
+            ids.append(part.column(0).cast(pa.string()).to_numpy(zero_copy_only=False).astype(object))
+            vectors.append(storage.embedding_matrix(part.column(1)))
+    if not ids:
+        return np.zeros(0, object), np.zeros((0, dim), np.float32)
+    return np.concatenate(ids), np.concatenate(vectors)
 
 
 @ray.remote(num_cpus=1)
@@ -166,8 +201,7 @@ def update_index(previous_uri: str, embeddings_uri: str, out_uri: str, config: I
 
     step = time.perf_counter()
     upserted = np.concatenate([changes.added, changes.edited])
-    new_ids, new_vectors, _ = ix.read_embedding_table(embeddings_uri, item_ids=upserted) if len(upserted) else (
-        np.zeros(0, object), np.zeros((0, previous["dim"]), np.float32), None)
+    new_ids, new_vectors = read_vectors(embeddings_uri, upserted, previous["dim"])
     timings["read_s"] = time.perf_counter() - step
     removed = np.concatenate([changes.deleted, changes.edited])
     with storage.staging(out_uri) as stage:
@@ -236,8 +270,8 @@ def _queries(new_ids: np.ndarray, new_vectors: np.ndarray, embeddings_uri: str, 
         rows = np.sort(rng.choice(len(new_ids), size=min(len(new_ids), n), replace=False))
         return new_vectors[rows], new_ids[rows]
     ids = _keys(embeddings_uri).column("item_id").to_numpy(zero_copy_only=False).astype(object)
-    sample = ids[rng.choice(len(ids), size=min(len(ids), n), replace=False)]
-    got_ids, vectors, _ = ix.read_embedding_table(embeddings_uri, item_ids=sample)
+    got_ids, vectors = read_vectors(embeddings_uri, ids[rng.choice(len(ids), size=min(len(ids), n), replace=False)],
+                                    new_vectors.shape[1])
     return vectors, got_ids
 
 
