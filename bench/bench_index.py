@@ -54,11 +54,17 @@ def generate(n: int, d: int, seed: int, dup_share: float = 0.05) -> tuple[np.nda
     return np.array([f"item-{i:08d}" for i in range(n)], dtype=object), vectors
 
 
-def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray, content_hash: np.ndarray | None = None) -> None:
+def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray, content_hash: np.ndarray | None = None,
+                fresh: int | None = None, previous: str | None = None) -> None:
+    """A published embedding table of ROWS_PER_FILE-row files; with `fresh`, the first `fresh` rows get
+    files of their own, listed as `fresh_files` beside `previous`, as the incremental embed stage writes."""
     storage.remove(uri)
+    bounds = [0, *range(fresh or ROWS_PER_FILE, len(ids), ROWS_PER_FILE)] if fresh is None else [
+        *range(0, fresh, ROWS_PER_FILE), *range(fresh, len(ids), ROWS_PER_FILE)]
     with storage.staging(uri) as stage:
-        for f, start in enumerate(range(0, len(ids), ROWS_PER_FILE)):
-            rows = slice(start, start + ROWS_PER_FILE)
+        for f, start in enumerate(bounds):
+            stop = next((b for b in bounds if b > start), len(ids))
+            rows = slice(start, stop)
             n = len(ids[rows])
             table = pa.table(
                 {
@@ -71,7 +77,10 @@ def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray, content_hash: np
                 }
             )
             pq.write_table(table, os.path.join(stage, f"part-{f:05d}.parquet"))
-        storage.publish(stage, uri, {"model_version": "bench-synthetic", "dim": vectors.shape[1], "model_dir": None, "rows": len(ids)})
+        extra = {} if fresh is None else {
+            "previous": previous, "fresh_files": [f"part-{f:05d}.parquet" for f, b in enumerate(bounds) if b < fresh]}
+        storage.publish(stage, uri, {"model_version": "bench-synthetic", "dim": vectors.shape[1], "model_dir": None,
+                                     "rows": len(ids), **extra})
 
 
 def peak_rss_gib() -> float:

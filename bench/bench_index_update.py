@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/bench_index_update.py 256 1000000 --changed 0.01 --shards 4 --memory-budget 512MiB --work /tmp/bu
 
 Day 0: the table and its full build. Day 1: `--changed` of the items changed (40% new listings, 30% edited
-= a new vector under the same id, 30% deleted), written as a new table. Then, in the same run, the day-1
+= a new vector under the same id, 30% deleted), written as a new table the way the incremental embed stage
+writes one (tonight's rows in files of their own, listed as `fresh_files`). Then, in the same run, the day-1
 index is made twice: updated from day 0's index (pipeline/index_update.py) and rebuilt from scratch
 (index_build.build_index). Both are measured on the same queries against an exact search over the day-1
 table: the new and edited vectors (what the update touched) and random rows. Prints a Markdown table.
@@ -47,15 +48,13 @@ def change(ids: np.ndarray, vectors: np.ndarray, share: float, seed: int) -> tup
         faiss.normalize_L2(out)
         return out
 
-    hashes = np.array([""] * n, dtype=object)
-    vectors = vectors.copy()
-    vectors[edited] = near(edited)
-    hashes[edited] = "edited"
-    keep = np.setdiff1d(np.arange(n), deleted)
+    # as the incremental embed stage writes it: the rows embedded tonight (edited, new) first, then the
+    # rows carried over unchanged
+    same = np.setdiff1d(np.arange(n), pick)
     new_ids = np.array([f"new-{i:08d}" for i in range(n_add)], dtype=object)
-    ids = np.concatenate([ids[keep], new_ids])
-    vectors = np.concatenate([vectors[keep], near(rng.integers(0, n, size=n_add))])
-    hashes = np.concatenate([hashes[keep], np.array(["new"] * n_add, dtype=object)])
+    ids = np.concatenate([ids[edited], new_ids, ids[same]])
+    vectors = np.concatenate([near(edited), near(rng.integers(0, n, size=n_add)), vectors[same]])
+    hashes = np.array(["edited"] * n_edit + ["new"] * n_add + [""] * len(same), dtype=object)
     return ids, vectors, hashes, {"added": n_add, "edited": n_edit, "deleted": n_del}
 
 
@@ -77,7 +76,8 @@ def main(dim, n, changed, shards, memory_budget, queries, work, seed, keep):
     ids, vectors = generate(n, dim, seed)
     write_table(paths["emb0"], ids, vectors)
     ids1, vectors1, hashes1, counts = change(ids, vectors, changed, seed + 1)
-    write_table(paths["emb1"], ids1, vectors1, content_hash=hashes1)
+    write_table(paths["emb1"], ids1, vectors1, content_hash=hashes1, fresh=counts["added"] + counts["edited"],
+                previous=paths["emb0"])
     del ids, vectors
     print(f"generated and wrote day 0 and day 1 ({counts}) in {time.perf_counter() - t:.1f} s", flush=True)
 

@@ -130,6 +130,16 @@ class _PartWriter:
             self.writer, self.in_file = None, 0
         self.seconds += time.perf_counter() - start
 
+    def end_file(self) -> list[str]:
+        """Write what is buffered and close the open file: rows added from now on go to new files. Returns
+        the files written so far."""
+        if self.buffered:
+            self._write(self.buffered)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.in_file = None, 0
+        return list(self.files)
+
     def close(self) -> list[str]:
         """Write what is left; an empty table still gets one (empty) part file, so it has a schema."""
         if self.buffered:
@@ -267,6 +277,9 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
         if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
             embeddings = _PartWriter(stage, embedding_schema(Encoder(model_dir, "cpu").dim), options.rows_per_file, stage)
         embedded = embeddings.rows + embeddings.buffered
+        # the rows embedded in this run get files of their own, before the carried-over ones: the index stage
+        # reads the night's new vectors from these files alone (pipeline/index_update.py)
+        fresh_files = embeddings.end_file() if embedded else []
         carried = _carry_over(options.previous, unchanged, embeddings) if unchanged else 0
         if carried != len(unchanged):
             raise RuntimeError(f"{len(unchanged)} rows were unchanged but {carried} were found in {options.previous}")
@@ -292,6 +305,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             "image_errors": dict(sorted(image_errors.items())),
             "modalities": dict(sorted(modalities.items())),
             "files": embedding_files,
+            "fresh_files": fresh_files,  # the files that hold every row embedded in this run (new and changed)
             "rejects": {"path": REJECTS_DIR, "files": rejects_files, "schema": str(REJECTS_SCHEMA)},
             "previous": options.previous,
             "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -115,6 +115,10 @@ def test_next_day_reencodes_only_what_changed(day1, tmp_path):
     ids = {r[0] for r in table_rows(os.path.join(report["run_dir"], "embeddings"), ["item_id"])}
     assert not ids & {r["item_id"] for r in removed}
     assert len(ids) == c["embedded"] + c["unchanged_skipped"]  # no row twice
+    # tonight's rows have files of their own (the index update reads the new vectors from them alone)
+    emb = os.path.join(report["run_dir"], "embeddings")
+    fresh = pq.read_table([os.path.join(emb, f) for f in storage.read_manifest(emb)["fresh_files"]], columns=["item_id"])
+    assert sorted(fresh.column("item_id").to_pylist()) == sorted(r["item_id"] for r in edited + added)
     # the index was updated in place of a rebuild and holds exactly tonight's rows: the removed ones are
     # gone, the new ones are found
     index = report["index"]
