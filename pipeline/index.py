@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,17 +156,21 @@ def shard_names(i: int) -> tuple[str, str]:
 
 
 def fill_shard(
-    trained: bytes, vectors: np.ndarray, item_ids: Sequence[Any], out_uri: str, shard: int, threads: int
+    trained: bytes, parts: Iterable[np.ndarray], item_ids: Callable[[], Sequence[Any]], out_uri: str, shard: int,
+    threads: int,
 ) -> dict:
-    """Add one shard's vectors to a copy of the trained empty index and write the shard's two files.
+    """Add one shard's vectors, part by part, to a copy of the trained empty index and write the shard's two
+    files; `item_ids()` gives the ids of every row added, once `parts` is exhausted.
 
-    Returns the shard's manifest entry. faiss row ids are the rows of `vectors`, in order.
+    Returns the shard's manifest entry. faiss row ids are the rows in the order added.
     """
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     # HNSW insertion order depends on thread timing: one thread keeps the graph deterministic.
     faiss.omp_set_num_threads(1 if search_param_name(index) == "efSearch" else threads)
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return write_shard(index, np.arange(len(vectors), dtype=np.int64), item_ids, out_uri, shard)
+    for vectors in parts:
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    ids = item_ids()
+    return write_shard(index, np.arange(index.ntotal, dtype=np.int64), ids, out_uri, shard)
 
 
 def update_shard(
@@ -215,8 +219,8 @@ def write_shard(index: faiss.Index, faiss_ids: np.ndarray, item_ids: Sequence[An
     write_index(index, storage.join(out_uri, faiss_name))
     fs, ids_path = storage.get_fs(storage.join(out_uri, ids_name))
     with fs.open(ids_path, "wb") as f:
-        pq.write_table(pa.table({"faiss_id": pa.array(faiss_ids, pa.int64()),
-                                 "item_id": pa.array([str(i) for i in item_ids], pa.string())}), f)
+        ids = item_ids if isinstance(item_ids, (pa.Array, pa.ChunkedArray)) else pa.array([str(i) for i in item_ids], pa.string())
+        pq.write_table(pa.table({"faiss_id": pa.array(faiss_ids, pa.int64()), "item_id": ids}), f)
     return {"faiss": faiss_name, "ids": ids_name, "n_vectors": int(index.ntotal)}
 
 
@@ -314,7 +318,11 @@ class IndexShard:
     name: str  # file name of the FAISS index, e.g. shard-00003.faiss
     index: faiss.Index
     item_ids: np.ndarray  # [n] object (str): row of the id map -> item_id
-    faiss_ids: np.ndarray  # [n] int64 ascending: row of the id map -> faiss id
+    faiss_ids: np.ndarray | None = None  # [n] int64 ascending: row of the id map -> faiss id (None: the row)
+
+    def __post_init__(self) -> None:
+        if self.faiss_ids is None:
+            self.faiss_ids = np.arange(len(self.item_ids), dtype=np.int64)
 
 
 class ShardedIndex:

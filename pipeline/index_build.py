@@ -1,19 +1,24 @@
-"""The build-index job: train once on a sample, fill the shards in parallel Ray tasks, tune, check recall, publish."""
+"""The build-index job: train once on a sample, fill the shards in parallel Ray tasks, tune, check recall,
+publish; the driver's memory does not grow with the table (every read of it is a task's or streamed)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
+from pipeline.embedding_scan import batches, exact_neighbours_streamed, gather, num_rows
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,51 @@ class IndexBuildConfig:
 
 
 @ray.remote(num_cpus=1)
-def _fill_shard_task(trained: bytes, vectors: np.ndarray, item_ids: np.ndarray, out_uri: str, shard: int, threads: int) -> dict:
-    return ix.fill_shard(trained, vectors, item_ids, out_uri, shard, threads)
+def _train_task(embeddings_uri: str, spec: str, sample_rows: np.ndarray, query_rows: np.ndarray, seed: int) -> dict:
+    """Read the training sample and the held-back queries (by row number, one streamed pass), train the
+    empty index; the driver gets the trained index and the queries, never the table."""
+    start = time.perf_counter()
+    positions = np.unique(np.concatenate([sample_rows, query_rows]))
+    rows = gather(embeddings_uri, positions)
+    read_s = time.perf_counter() - start
+    trained = ix.train_empty_index(spec, rows["embedding"][np.searchsorted(positions, sample_rows)], seed)
+    where = np.searchsorted(positions, query_rows)
+    return {"trained": faiss.serialize_index(trained).tobytes(), "query_ids": rows["item_id"][where],
+            "queries": rows["embedding"][where], "read_s": read_s, "train_s": time.perf_counter() - start - read_s,
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+@ray.remote(num_cpus=1)
+def _fill_shard_task(trained: bytes, embeddings_uri: str, start: int, stop: int, out_uri: str, shard: int, threads: int) -> dict:
+    """Shard `shard` holds the table's rows start..stop-1: read them batch by batch and add them (this task
+    reads only its own part of the table), checking norms and ids on the way."""
+    ids, seen = [], 0
+
+    def parts():
+        nonlocal seen
+        for batch in batches(embeddings_uri, ["item_id", "embedding"], start=start, stop=stop):
+            vectors = storage.embedding_matrix(batch.column(1))
+            _check_normalised(vectors, start + seen)
+            ids.append(batch.column(0).cast(pa.string()))
+            seen += len(batch)
+            yield vectors
+
+    entry = ix.fill_shard(trained, parts(), lambda: pa.chunked_array(ids, pa.string()), out_uri, shard, threads)
+    return {**entry, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # ru_maxrss is KiB on Linux
+
+
+def _check_normalised(vectors: np.ndarray, first_row: int) -> None:
+    norms = np.linalg.norm(vectors, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+    if len(bad):
+        raise ValueError(
+            "embeddings are not L2-normalised (the contract requires it for inner-product search): row "
+            f"{first_row + bad[0]} has norm {norms[bad[0]]:.3f}. Re-run the embed stage."
+        )
 
 
 def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, overwrite: bool = False,
@@ -41,18 +89,21 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
     """Build and publish the sharded index of a published embedding table; returns its manifest (`reason`:
     why it is built from scratch, recorded there; index_update.build_or_update decides).
 
-    Needs Ray initialised by the caller. Raises RecallTooLowError (nothing published) when recall@10 on
-    held-back queries stays under `config.min_recall`, ValueError on bad input (not normalised, too few
-    vectors, budget too small), FileExistsError when `out_uri` is published and not `overwrite`.
+    The driver holds neither the table nor the index: a Ray task reads the training sample and the
+    held-back queries and trains the empty index; one Ray task per shard reads its own range of rows and
+    fills its shard; the exact neighbours of the queries are streamed over the table; a task loads the
+    shards to tune the search parameter and measure recall. Needs Ray initialised by the
+    caller. Raises RecallTooLowError (nothing published) when recall@10 on held-back queries stays under
+    `config.min_recall`, ValueError on bad input (not normalised, duplicate ids, too few vectors, budget
+    too small), FileExistsError when `out_uri` is published and not `overwrite`.
     """
     storage.check_can_publish(out_uri, overwrite)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ids, vectors, emb_manifest = ix.read_embedding_table(embeddings_uri)
-    n, d = vectors.shape
-    _check_input(ids, vectors, config)
-    timings["read_s"] = time.perf_counter() - start
-    log.info("read %d vectors of dim %d in %.1f s", n, d, timings["read_s"])
+    emb_manifest = storage.read_manifest(embeddings_uri)
+    n, d = num_rows(embeddings_uri), int(emb_manifest["dim"])
+    if n < config.n_shards:
+        raise ValueError(f"{n} vectors cannot fill {config.n_shards} shards: use fewer --shards")
 
     rng = np.random.default_rng(config.seed)
     spec = ix.choose_index_spec(n, d, config.memory_budget_bytes) if config.spec == "auto" else config.spec
@@ -60,38 +111,31 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
     n_eval = min(config.n_eval_queries, max(1, n // 2))
     n_tune = max(1, min(config.n_tune_queries, n - n_eval))
     held_back = rng.choice(n, size=min(n, n_eval + n_tune), replace=False)
-    eval_rows, tune_rows = held_back[:n_eval], held_back[n_eval:]
+    sample = np.sort(rng.choice(n, size=ix.train_sample_size(spec, n), replace=False))
     log.info("building %s over %d vectors of dim %d in %d shards", spec, n, d, config.n_shards)
 
-    step = time.perf_counter()
-    sample = vectors[np.sort(rng.choice(n, size=ix.train_sample_size(spec, n), replace=False))]
-    trained = ix.train_empty_index(spec, sample, config.seed)
-    del sample
-    timings["train_s"] = time.perf_counter() - step
-    log.info("trained %s in %.1f s", spec, timings["train_s"])
+    trained = ray.get(_train_task.remote(embeddings_uri, spec, sample, held_back, config.seed))
+    timings["read_s"], timings["train_s"] = trained["read_s"], trained["train_s"]
+    log.info("trained %s in %.1f s (sample read in %.1f s)", spec, trained["train_s"], trained["read_s"])
+    queries, query_ids = trained["queries"], trained["query_ids"]
 
     with storage.staging(out_uri) as stage:
         step = time.perf_counter()
-        shards = _fill_shards(trained, vectors, ids, stage, config.n_shards)
+        shards = _fill_shards(trained["trained"], embeddings_uri, n, stage, config.n_shards)
         timings["fill_s"] = time.perf_counter() - step
         log.info("filled %d shards in %.1f s", len(shards), timings["fill_s"])
+        peaks = {"train": trained["peak_rss_mib"], "fill": max(s.pop("peak_rss_mib") for s in shards)}
 
         step = time.perf_counter()
-        index = ix.ShardedIndex.open(stage, shards, d, spec, {})
         # the queries are vectors of the index: their own ids are left out of both lists (real neighbours only)
-        k1 = tuning.RECALL_K + 1
-        tune_truth = tuning.exact_neighbours(vectors[tune_rows], vectors, ids, k1)
-        params, trials = tuning.tune_search_param(index, vectors[tune_rows], tune_truth, config.min_recall,
-                                              exclude=ids[tune_rows])
+        truth = exact_neighbours_streamed(embeddings_uri, queries, tuning.RECALL_K + 1)
+        params, trials, recall, peaks["tune"] = ray.get(_tune_task.remote(
+            stage, shards, d, spec, queries, query_ids, truth, n_eval, config.min_recall))
         timings["tune_s"] = time.perf_counter() - step
         log.info("tuned %s in %.1f s: %s", params, timings["tune_s"], trials)
-
-        eval_truth = tuning.exact_neighbours(vectors[eval_rows], vectors, ids, k1)
-        _, found = index.search(vectors[eval_rows], k1)
-        recall = tuning.measure_recall(found, eval_truth, exclude=ids[eval_rows])
         if recall < config.min_recall:
             raise ix.RecallTooLowError(
-                f"recall@{tuning.RECALL_K} on {len(eval_rows)} held-back queries is {recall:.4f} with {params}, under "
+                f"recall@{tuning.RECALL_K} on {n_eval} held-back queries is {recall:.4f} with {params}, under "
                 f"the required {config.min_recall} (tuning queries reached it: try more --tune-queries, a less "
                 "compressed index, or a lower --min-recall). Nothing was published."
             )
@@ -108,9 +152,10 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
             "search_params": params,
             "tuning": trials,
             f"recall_at_{tuning.RECALL_K}": round(recall, 4),  # real neighbours: each query's own id left out
-            "n_queries": int(len(eval_rows)),
+            "n_queries": int(n_eval),
             "build_seconds": round(timings["total_s"], 2),
             "timings": {k: round(v, 2) for k, v in timings.items()},
+            "task_peak_rss_mib": peaks,
             "config": asdict(config),
             "seed": config.seed,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -123,28 +168,34 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
     return manifest
 
 
-def _check_input(ids: np.ndarray, vectors: np.ndarray, config: IndexBuildConfig) -> None:
-    n = len(ids)
-    if n < config.n_shards:
-        raise ValueError(f"{n} vectors cannot fill {config.n_shards} shards: use fewer --shards")
-    if len(set(ids.tolist())) != n:
+@ray.remote(num_cpus=1)
+def _tune_task(stage: str, shards: list[dict], d: int, spec: str, queries: np.ndarray, query_ids: np.ndarray,
+               truth: np.ndarray, n_eval: int, min_recall: float) -> tuple[dict, list[dict], float, float]:
+    """Load the built shards (in a worker: the driver never holds the index), check the ids are unique, tune
+    the search parameter on the queries after the first `n_eval` and measure recall@10 on those."""
+    index = ix.ShardedIndex.open(stage, shards, d, spec, {})
+    _check_unique(index)
+    tune, evaluate = slice(n_eval, None), slice(0, n_eval)
+    params, trials = tuning.tune_search_param(index, queries[tune], truth[tune], min_recall, exclude=query_ids[tune])
+    _, found = index.search(queries[evaluate], tuning.RECALL_K + 1)
+    recall = tuning.measure_recall(found, truth[evaluate], exclude=query_ids[evaluate])
+    return params, trials, recall, _peak_rss_mib()
+
+
+def _check_unique(index: ix.ShardedIndex) -> None:
+    """Item ids must be unique across the shards (the embed stage rejects duplicate ids; a table written
+    by other means might not)."""
+    ids = pa.chunked_array([pa.array(s.item_ids, pa.string()) for s in index.shards], pa.string())
+    if pc.count_distinct(ids).as_py() != len(ids):
         raise ValueError("the embedding table has duplicate item_ids: re-run the embed stage (ids must be unique)")
-    norms = np.linalg.norm(vectors[: min(n, 10_000)], axis=1)
-    if not np.allclose(norms, 1.0, atol=1e-3):
-        raise ValueError(
-            "embeddings are not L2-normalised (the contract requires it for inner-product search); "
-            f"norms range {norms.min():.3f}-{norms.max():.3f}. Re-run the embed stage."
-        )
 
 
-def _fill_shards(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, stage: str, n_shards: int) -> list[dict]:
-    """Put the trained empty index in the object store once; one Ray task per shard adds its vectors."""
-    trained_ref = ray.put(faiss.serialize_index(trained).tobytes())
-    assignment = ix.shard_of(ids, n_shards)
+def _fill_shards(trained: bytes, embeddings_uri: str, n: int, stage: str, n_shards: int) -> list[dict]:
+    """Put the trained empty index in the object store once; one Ray task per shard reads its own range of
+    rows (about n / n_shards, in storage order) and adds them."""
+    trained_ref = ray.put(trained)
     cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
     threads = max(1, cpus // n_shards)
-    refs = []
-    for s in range(n_shards):
-        rows = np.flatnonzero(assignment == s)
-        refs.append(_fill_shard_task.remote(trained_ref, vectors[rows], ids[rows], stage, s, threads))
-    return ray.get(refs)
+    bounds = np.linspace(0, n, n_shards + 1).astype(np.int64)
+    return ray.get([_fill_shard_task.remote(trained_ref, embeddings_uri, int(bounds[s]), int(bounds[s + 1]), stage, s, threads)
+                    for s in range(n_shards)])

@@ -1,7 +1,7 @@
 """The nightly index: update the last published index with what changed, or rebuild it, and say which.
 
 An update starts from the previous night's index dir: one Ray task per shard reads its shard, removes the
-rows of deleted and edited items, adds the vectors of new and edited items (the same trained quantizer
+rows of deleted and edited items it holds, adds the vectors of new and edited items whose id hashes to it (the same trained quantizer
 and codec, so the shards still search together) and writes the shard to the new index dir. Recall@10
 against exact search is then measured on queries drawn from the new vectors, and the dir is published
 atomically with it, as a build is. It rebuilds instead (index_build.build_index) when
@@ -23,7 +23,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -36,6 +35,7 @@ import ray
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
+from pipeline.embedding_scan import exact_neighbours_streamed, read_vectors
 from pipeline.index_build import IndexBuildConfig, build_index
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ DEFAULT_MAX_CHANGED_SHARE = 0.10
 # queries of the recall gate after an update: each costs a scan of the whole table (the exact top-k), and
 # 300 x 10 neighbours measure a recall near 0.95 to +-0.008 (2 standard errors)
 UPDATE_QUERIES = 300
-EXACT_CHUNK = 16_384  # table rows per matrix product of the exact top-k: [300, 16k] scores stay in cache
 
 
 class CannotUpdate(Exception):
@@ -88,74 +87,6 @@ def table_changes(previous_uri: str, current_uri: str) -> Changes:
 
     return Changes(added=ids(pc.and_(in_new, pc.invert(in_old))), edited=ids(edited),
                    deleted=ids(pc.and_(in_old, pc.invert(in_new))), n_current=len(new))
-
-
-def _batches(embeddings_uri: str, columns: list[str], files: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Record batches of a published table (or of the named files of it), file by file in storage order:
-    one batch in memory at a time."""
-    fs, _ = storage.get_fs(embeddings_uri)
-    paths = storage.parquet_files(embeddings_uri) if files is None else [
-        storage.get_fs(storage.join(embeddings_uri, f))[1] for f in files]
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=columns)
-
-
-def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a whole embedding table, read one
-    record batch at a time: the table's vectors are never all held. Per chunk of rows one matrix product;
-    only scores above a query's current k-th best are kept (after the first chunks, a few per query). The
-    item ids are read as a column of their own at the end."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # descending per row
-    best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    base = 0
-    for batch in _batches(embeddings_uri, ["embedding"]):
-        vectors = storage.embedding_matrix(batch.column(0))
-        for start in range(0, len(vectors), EXACT_CHUNK):
-            scores = queries @ vectors[start:start + EXACT_CHUNK].T  # [Q, <= EXACT_CHUNK]
-            best_s, best_i = _merge_top_k(best_s, best_i, scores, base + start)
-        base += len(vectors)
-    fs, _ = storage.get_fs(embeddings_uri)
-    ids = pq.read_table(storage.parquet_files(embeddings_uri), filesystem=fs, columns=["item_id"]).column("item_id")
-    ids = ids.cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
-    return np.where(best_i >= 0, ids[np.maximum(best_i, 0)], None)
-
-
-def _merge_top_k(best_s: np.ndarray, best_i: np.ndarray, scores: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k (descending) of `best` [Q, k] and the scores [Q, B] of rows base..base+B-1."""
-    k = best_s.shape[1]
-    above = scores > best_s[:, -1:]
-    counts = np.count_nonzero(above, axis=1)
-    if counts.max() > 4 * k:  # the first chunks: a partial sort of each row
-        top = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
-        cand_s, cand_i = np.take_along_axis(scores, top, axis=1), top + base
-    else:  # later ones: the few scores above the k-th best, padded into [Q, max count]
-        rows, cols = np.nonzero(above)
-        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-        cand_s = np.full((len(scores), max(int(counts.max()), 1)), -np.inf, dtype=np.float32)
-        cand_i = np.full(cand_s.shape, -1, dtype=np.int64)
-        cand_s[rows, slot], cand_i[rows, slot] = scores[rows, cols], cols + base
-    merged_s, merged_i = np.concatenate([best_s, cand_s], axis=1), np.concatenate([best_i, cand_i], axis=1)
-    order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(merged_s, order, axis=1), np.take_along_axis(merged_i, order, axis=1)
-
-
-def read_vectors(embeddings_uri: str, item_ids: np.ndarray, dim: int,
-                 files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of the rows of `item_ids` in a table (or in the named files of it), in one streamed pass
-    (a hash lookup per batch)."""
-    wanted = pa.array(list(item_ids), pa.string())
-    ids, vectors = [], []
-    for batch in _batches(embeddings_uri, ["item_id", "embedding"], files):
-        keep = pc.is_in(batch.column(0).cast(pa.string()), value_set=wanted)
-        if pc.any(keep).as_py():
-            part = batch.filter(keep)
-            ids.append(part.column(0).cast(pa.string()).to_numpy(zero_copy_only=False).astype(object))
-            vectors.append(storage.embedding_matrix(part.column(1)))
-    if not ids:
-        return np.zeros(0, object), np.zeros((0, dim), np.float32)
-    return np.concatenate(ids), np.concatenate(vectors)
 
 
 @ray.remote(num_cpus=1)
@@ -275,15 +206,17 @@ def _read_upserted(embeddings_uri: str, emb_manifest: dict, previous: dict, upse
 
 def _update_shards(previous_uri: str, previous: dict, removed: np.ndarray, new_ids: np.ndarray,
                    new_vectors: np.ndarray, stage: str) -> list[dict]:
-    """One Ray task per shard: its removals and additions go to the shard the item id hashes to."""
+    """One Ray task per shard: every shard looks up the removed ids in its own id map (a full build shards
+    by row range, so any shard may hold an id); the new vectors go to the shard their id hashes to."""
     n_shards = len(previous["shards"])
-    removed_to, added_to = ix.shard_of(removed, n_shards), ix.shard_of(new_ids, n_shards)
+    added_to = ix.shard_of(new_ids, n_shards)
     cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
     threads = max(1, cpus // n_shards)
+    removed_ref = ray.put(removed)
     refs = []
     for s, entry in enumerate(previous["shards"]):
         rows = np.flatnonzero(added_to == s)
-        refs.append(_update_shard_task.remote(previous_uri, entry, previous["spec"], removed[removed_to == s],
+        refs.append(_update_shard_task.remote(previous_uri, entry, previous["spec"], removed_ref,
                                               new_vectors[rows], new_ids[rows], stage, s, threads))
     return ray.get(refs)
 

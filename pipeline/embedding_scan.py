@@ -1,0 +1,138 @@
+"""Streamed reads of a published embedding table: record batches, rows by position or by id, and the exact
+top-k of some queries over the whole table. One batch is in memory at a time, so what the caller holds
+does not grow with the table (the index build, its update and its recall measurements use these).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+EXACT_CHUNK = 16_384  # table rows per matrix product of the exact top-k: [Q, 16k] scores stay in cache
+
+
+def num_rows(embeddings_uri: str) -> int:
+    """Rows of a table, from the Parquet footers (no data read)."""
+    fs, _ = storage.get_fs(embeddings_uri)
+    total = 0
+    for path in storage.parquet_files(embeddings_uri):
+        with fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def batches(embeddings_uri: str, columns: list[str], files: list[str] | None = None,
+            start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of a published table (or of the named files of it) in storage order, restricted to
+    its rows start..stop-1: files wholly outside the range are skipped after reading their footer."""
+    fs, _ = storage.get_fs(embeddings_uri)
+    paths = storage.parquet_files(embeddings_uri) if files is None else [
+        storage.get_fs(storage.join(embeddings_uri, f))[1] for f in files]
+    base = 0
+    for path in paths:
+        if stop is not None and base >= stop:
+            return
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            n = parquet.metadata.num_rows
+            if base + n > start:
+                for batch in parquet.iter_batches(batch_size=65_536, columns=columns):
+                    lo, hi = max(start - base, 0), len(batch) if stop is None else min(stop - base, len(batch))
+                    if hi > lo:
+                        yield batch.slice(lo, hi - lo)
+                    base += len(batch)
+                    if stop is not None and base >= stop:
+                        return
+            else:
+                base += n
+
+
+def gather(embeddings_uri: str, positions: np.ndarray, columns: tuple[str, ...] = ("item_id", "embedding")
+           ) -> dict[str, np.ndarray]:
+    """The table's rows at `positions` (row numbers in storage order), in ascending position order:
+    {"item_id": [P] object, "embedding": [P, D] float32} (the columns asked for), in one streamed pass."""
+    positions = np.unique(np.asarray(positions, dtype=np.int64))
+    parts: dict[str, list] = {c: [] for c in columns}
+    base = 0
+    for batch in batches(embeddings_uri, list(columns)):
+        lo, hi = np.searchsorted(positions, [base, base + len(batch)])
+        if hi > lo:
+            picked = batch.take(pa.array(positions[lo:hi] - base))
+            for c in columns:
+                parts[c].append(_values(picked.column(c), c))
+        base += len(batch)
+    return {c: np.concatenate(v) if v else _values(pa.array([], pa.string()), c) if c == "item_id" else np.zeros((0, 0), np.float32)
+            for c, v in parts.items()}
+
+
+def _values(column: pa.Array, name: str) -> np.ndarray:
+    if name == "embedding":
+        return storage.embedding_matrix(column)
+    return column.cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
+
+
+def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a whole embedding table, read one
+    record batch at a time: the table's vectors are never all held. Per chunk of rows one matrix product;
+    only scores above a query's current k-th best are kept (after the first chunks, a few per query). The
+    item ids of the neighbours are read in a second pass over the id column."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # descending per row
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    base = 0
+    for batch in batches(embeddings_uri, ["embedding"]):
+        vectors = storage.embedding_matrix(batch.column(0))
+        for start in range(0, len(vectors), EXACT_CHUNK):
+            scores = queries @ vectors[start:start + EXACT_CHUNK].T  # [Q, <= EXACT_CHUNK]
+            best_s, best_i = _merge_top_k(best_s, best_i, scores, base + start)
+        base += len(vectors)
+    found = best_i >= 0
+    needed = np.unique(best_i[found])
+    ids = gather(embeddings_uri, needed, ("item_id",))["item_id"]  # only the rows that are someone's neighbour
+    out = np.full(best_i.shape, None, dtype=object)
+    out[found] = ids[np.searchsorted(needed, best_i[found])]
+    return out
+
+
+def _merge_top_k(best_s: np.ndarray, best_i: np.ndarray, scores: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k (descending) of `best` [Q, k] and the scores [Q, B] of rows base..base+B-1."""
+    k = best_s.shape[1]
+    above = scores > best_s[:, -1:]
+    counts = np.count_nonzero(above, axis=1)
+    if counts.max() > 4 * k:  # the first chunks: a partial sort of each row
+        top = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+        cand_s, cand_i = np.take_along_axis(scores, top, axis=1), top + base
+    else:  # later ones: the few scores above the k-th best, padded into [Q, max count]
+        rows, cols = np.nonzero(above)
+        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        cand_s = np.full((len(scores), max(int(counts.max()), 1)), -np.inf, dtype=np.float32)
+        cand_i = np.full(cand_s.shape, -1, dtype=np.int64)
+        cand_s[rows, slot], cand_i[rows, slot] = scores[rows, cols], cols + base
+    merged_s, merged_i = np.concatenate([best_s, cand_s], axis=1), np.concatenate([best_i, cand_i], axis=1)
+    order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(merged_s, order, axis=1), np.take_along_axis(merged_i, order, axis=1)
+
+
+def read_vectors(embeddings_uri: str, item_ids: np.ndarray, dim: int,
+                 files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of the rows of `item_ids` in a table (or in the named files of it), in one streamed pass
+    (a hash lookup per batch)."""
+    wanted = pa.array(list(item_ids), pa.string())
+    ids, vectors = [], []
+    for batch in batches(embeddings_uri, ["item_id", "embedding"], files):
+        keep = pc.is_in(batch.column(0).cast(pa.string()), value_set=wanted)
+        if pc.any(keep).as_py():
+            part = batch.filter(keep)
+            ids.append(part.column(0).cast(pa.string()).to_numpy(zero_copy_only=False).astype(object))
+            vectors.append(storage.embedding_matrix(part.column(1)))
+    if not ids:
+        return np.zeros(0, object), np.zeros((0, dim), np.float32)
+    return np.concatenate(ids), np.concatenate(vectors)
+
+
