@@ -84,8 +84,9 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
 @click.option("--memory-budget", default="2GiB", show_default=True, help="Budget for --index auto.")
 @click.option("--work", default="bench-output/index-scale", show_default=True, help="Scratch directory (deleted first).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--dedup/--no-dedup", default=True, show_default=True, help="Also time the all-pairs dedup.")
 @click.option("--step", type=click.Choice(["write", "build", "dedup"]), hidden=True, help="Run one step here (internal).")
-def main(dim, sizes, shards, spec, memory_budget, work, seed, step):
+def main(dim, sizes, shards, spec, memory_budget, work, seed, dedup, step):
     """Run the benchmark and print a Markdown table."""
     if step:
         print(json.dumps(_step(step, dim, sizes[0], work, shards, spec, memory_budget, seed)))
@@ -93,7 +94,7 @@ def main(dim, sizes, shards, spec, memory_budget, work, seed, step):
     rows = []
     for n in sizes:
         figures = {}
-        for s in ("write", "build", "dedup"):
+        for s in ("write", "build", "dedup")[: 3 if dedup else 2]:
             cmd = [sys.executable, __file__, str(dim), str(n), "--shards", str(shards), "--index", spec, "--memory-budget", memory_budget,
                    "--work", os.path.join(work, str(n)), "--seed", str(seed), "--step", s]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -105,13 +106,14 @@ def main(dim, sizes, shards, spec, memory_budget, work, seed, step):
     print("\n| vectors | index | build s | build driver peak RSS GiB | build worker peak RSS GiB | recall@10 | all-pairs s | all-pairs driver peak RSS GiB | all-pairs worker peak RSS GiB | pairs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, f in rows:
-        b, d = f["build"], f["dedup"]
-        print(f"| {n:,} | `{b['spec']}` | {b['seconds']:.1f} | {b['driver_gib']:.2f} | {b['worker_gib']:.2f} | {b['recall']:.4f} | "
-              f"{d['seconds']:.1f} | {d['driver_gib']:.2f} | {d['worker_gib']:.2f} | {d['pairs']:,} |")
+        b, d = f["build"], f.get("dedup")
+        dd = f"{d['seconds']:.1f} | {d['driver_gib']:.2f} | {d['worker_gib']:.2f} | {d['pairs']:,}" if d else "- | - | - | -"
+        print(f"| {n:,} | `{b['spec']}` | {b['seconds']:.1f} | {b['driver_gib']:.2f} | {b['worker_gib']:.2f} | {b['recall']:.4f} | {dd} |")
     (n0, f0), (n1, f1) = rows[0], rows[-1]
     print(f"\n{n1 / n0:.0f}x the vectors: build driver RSS x{f1['build']['driver_gib'] / f0['build']['driver_gib']:.2f}, "
-          f"build time x{f1['build']['seconds'] / f0['build']['seconds']:.2f}, all-pairs time x{f1['dedup']['seconds'] / f0['dedup']['seconds']:.2f}, "
-          f"all-pairs driver RSS x{f1['dedup']['driver_gib'] / f0['dedup']['driver_gib']:.2f}")
+          f"build time x{f1['build']['seconds'] / f0['build']['seconds']:.2f}"
+          + (f", all-pairs time x{f1['dedup']['seconds'] / f0['dedup']['seconds']:.2f}, all-pairs driver RSS "
+             f"x{f1['dedup']['driver_gib'] / f0['dedup']['driver_gib']:.2f}" if dedup else ""))
 
 
 if __name__ == "__main__":

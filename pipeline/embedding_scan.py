@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 
-EXACT_CHUNK = 16_384  # table rows per matrix product of the exact top-k: [Q, 16k] scores stay in cache
+EXACT_CHUNK = 16_384  # table rows per matrix product of the exact top-k ...
+QUERY_BLOCK = 512  # ... and queries: [512, 16k] scores (32 MiB) stay small whatever the number of queries
 
 
 def num_rows(embeddings_uri: str) -> int:
@@ -89,8 +90,11 @@ def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) 
     for batch in batches(embeddings_uri, ["embedding"]):
         vectors = storage.embedding_matrix(batch.column(0))
         for start in range(0, len(vectors), EXACT_CHUNK):
-            scores = queries @ vectors[start:start + EXACT_CHUNK].T  # [Q, <= EXACT_CHUNK]
-            best_s, best_i = _merge_top_k(best_s, best_i, scores, base + start)
+            chunk = vectors[start:start + EXACT_CHUNK]
+            for q in range(0, len(queries), QUERY_BLOCK):  # temporaries of [QUERY_BLOCK, EXACT_CHUNK] at most
+                block = slice(q, q + QUERY_BLOCK)
+                best_s[block], best_i[block] = _merge_top_k(best_s[block], best_i[block], queries[block] @ chunk.T,
+                                                            base + start)
         base += len(vectors)
     found = best_i >= 0
     needed = np.unique(best_i[found])

@@ -37,9 +37,11 @@ class IndexBuildConfig:
 
 
 @ray.remote(num_cpus=1)
-def _train_task(embeddings_uri: str, spec: str, sample_rows: np.ndarray, query_rows: np.ndarray, seed: int) -> dict:
+def _train_task(embeddings_uri: str, spec: str, sample_rows: np.ndarray, query_rows: np.ndarray, seed: int,
+                threads: int) -> dict:
     """Read the training sample and the held-back queries (by row number, one streamed pass), train the
-    empty index; the driver gets the trained index and the queries, never the table."""
+    empty index on `threads` cores; the driver gets the trained index and the queries, never the table."""
+    faiss.omp_set_num_threads(threads)  # a Ray task starts with one (OMP_NUM_THREADS=1)
     start = time.perf_counter()
     positions = np.unique(np.concatenate([sample_rows, query_rows]))
     rows = gather(embeddings_uri, positions)
@@ -114,7 +116,8 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
     sample = np.sort(rng.choice(n, size=ix.train_sample_size(spec, n), replace=False))
     log.info("building %s over %d vectors of dim %d in %d shards", spec, n, d, config.n_shards)
 
-    trained = ray.get(_train_task.remote(embeddings_uri, spec, sample, held_back, config.seed))
+    threads = int(ray.available_resources().get("CPU", os.cpu_count() or 1))  # train and tune run alone
+    trained = ray.get(_train_task.remote(embeddings_uri, spec, sample, held_back, config.seed, threads))
     timings["read_s"], timings["train_s"] = trained["read_s"], trained["train_s"]
     log.info("trained %s in %.1f s (sample read in %.1f s)", spec, trained["train_s"], trained["read_s"])
     queries, query_ids = trained["queries"], trained["query_ids"]
@@ -130,7 +133,7 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
         # the queries are vectors of the index: their own ids are left out of both lists (real neighbours only)
         truth = exact_neighbours_streamed(embeddings_uri, queries, tuning.RECALL_K + 1)
         params, trials, recall, peaks["tune"] = ray.get(_tune_task.remote(
-            stage, shards, d, spec, queries, query_ids, truth, n_eval, config.min_recall))
+            stage, shards, d, spec, queries, query_ids, truth, n_eval, config.min_recall, threads))
         timings["tune_s"] = time.perf_counter() - step
         log.info("tuned %s in %.1f s: %s", params, timings["tune_s"], trials)
         if recall < config.min_recall:
@@ -170,9 +173,10 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
 
 @ray.remote(num_cpus=1)
 def _tune_task(stage: str, shards: list[dict], d: int, spec: str, queries: np.ndarray, query_ids: np.ndarray,
-               truth: np.ndarray, n_eval: int, min_recall: float) -> tuple[dict, list[dict], float, float]:
+               truth: np.ndarray, n_eval: int, min_recall: float, threads: int) -> tuple[dict, list[dict], float, float]:
     """Load the built shards (in a worker: the driver never holds the index), check the ids are unique, tune
     the search parameter on the queries after the first `n_eval` and measure recall@10 on those."""
+    faiss.omp_set_num_threads(threads)
     index = ix.ShardedIndex.open(stage, shards, d, spec, {})
     _check_unique(index)
     tune, evaluate = slice(n_eval, None), slice(0, n_eval)
