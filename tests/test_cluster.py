@@ -87,7 +87,8 @@ def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(s3_env
         actors = [a.node_id for a in list_actors(address=nodes.address, limit=10_000)
                   if "MapBatches(Encoder)" in (a.class_name or "")]
         tasks = [t.node_id for t in list_tasks(address=nodes.address, limit=10_000) if "Preprocess" in (t.name or "")]
-        assert len(set(actors) | set(tasks)) == 2, (actors, tasks)
+        # (an actor Ray Data asked for but cancelled before it was placed is listed without a node)
+        assert len({node for node in actors + tasks if node}) == 2, (actors, tasks)
     finally:
         nodes.shutdown()
 
