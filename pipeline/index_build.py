@@ -56,7 +56,7 @@ def _train_task(embeddings_uri: str, spec: str, sample_rows: np.ndarray, query_r
 @ray.remote(num_cpus=1)
 def _fill_shard_task(trained: bytes, embeddings_uri: str, start: int, stop: int, out_uri: str, shard: int, threads: int) -> dict:
     """Shard `shard` holds the table's rows start..stop-1: read them batch by batch and add them (this task
-    reads only its own part of the table), checking norms and ids on the way."""
+    reads only its own part of the table), checking every norm on the way."""
     ids, seen = [], 0
 
     def parts():

@@ -1,10 +1,11 @@
 """The nightly index: update the last published index with what changed, or rebuild it, and say which.
 
 An update starts from the previous night's index dir: one Ray task per shard reads its shard, removes the
-rows of deleted and edited items it holds, adds the vectors of new and edited items whose id hashes to it (the same trained quantizer
-and codec, so the shards still search together) and writes the shard to the new index dir. Recall@10
-against exact search is then measured on queries drawn from the new vectors, and the dir is published
-atomically with it, as a build is. It rebuilds instead (index_build.build_index) when
+rows of deleted and edited items it holds, adds the vectors of the new and edited items whose id hashes to
+it (the same trained quantizer and codec, so the shards still search together) and writes the shard to the
+new index dir. Tonight's vectors come from the table's `fresh_files` (the embed stage writes the rows it
+embedded in files of their own). Recall@10 against exact search is then measured on queries drawn from the
+new vectors, and the dir is published atomically with it, as a build is. It rebuilds instead (index_build.build_index) when
 
 - there is no previous index, or its shards cannot remove vectors (HNSW, a refined RFlat index);
 - the model, the metric, the shard count or the index spec asked for changed;
@@ -35,7 +36,7 @@ import ray
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
-from pipeline.embedding_scan import exact_neighbours_streamed, read_vectors
+from pipeline.embedding_scan import exact_neighbours_streamed, gather, read_vectors
 from pipeline.index_build import IndexBuildConfig, build_index
 
 log = logging.getLogger(__name__)
@@ -230,10 +231,8 @@ def _queries(new_ids: np.ndarray, new_vectors: np.ndarray, embeddings_uri: str, 
     if len(new_ids):
         rows = np.sort(rng.choice(len(new_ids), size=min(len(new_ids), n), replace=False))
         return new_vectors[rows], new_ids[rows]
-    ids = _keys(embeddings_uri).column("item_id").to_numpy(zero_copy_only=False).astype(object)
-    got_ids, vectors = read_vectors(embeddings_uri, ids[rng.choice(len(ids), size=min(len(ids), n), replace=False)],
-                                    new_vectors.shape[1])
-    return vectors, got_ids
+    rows = gather(embeddings_uri, rng.choice(changes.n_current, size=min(changes.n_current, n), replace=False))
+    return rows["embedding"], rows["item_id"]
 
 
 def build_or_update(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, previous_uri: str | None = None,

@@ -150,3 +150,15 @@ def test_what_cannot_be_updated_is_rebuilt_and_the_manifest_says_why(tmp_path, r
     manifest = build_or_update(emb, str(tmp_path / "i1"), cfg, previous_uri=str(tmp_path / "i0"))
     assert manifest["mode"] == "build" and reason in manifest["reason"]
     assert manifest["n_vectors"] == len(week.ids)
+
+
+def test_a_night_of_deletions_only_is_measured_on_random_rows(tmp_path, ray_local):
+    week = Week(n=2000)
+    build_or_update(week.write(str(tmp_path / "e0")), str(tmp_path / "i0"), CONFIG)
+    truth = week.night(1, adds=0, edits=0, deletes=30)
+    manifest = build_or_update(week.write(str(tmp_path / "e1")), str(tmp_path / "i1"), CONFIG,
+                               previous_uri=str(tmp_path / "i0"))
+    assert manifest["mode"] == "update" and manifest["changes"] == {"added": 0, "edited": 0, "deleted": 30}
+    assert manifest["n_queries"] == 300 and manifest["recall_at_10"] >= CONFIG.min_recall
+    _, found = ShardedIndex.load(str(tmp_path / "i1")).search(truth["deleted_vectors"], 10)
+    assert not set(found[found != None].tolist()) & set(truth["deleted"].tolist())  # noqa: E711
