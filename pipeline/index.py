@@ -2,7 +2,7 @@
 
 Index dir layout (a published directory, see `storage`):
 
-    shard-00000-<token>.faiss         one FAISS index per shard, faiss row id = row in its id map
+    shard-00000-<token>.faiss         one FAISS index per shard
     shard-00000-<token>.ids.parquet   the id map: `faiss_id` (int64, ascending) -> `item_id`; a full
                                       build numbers the rows 0..n-1, an update keeps the ids of the rows
                                       it leaves and gives new rows ids above the largest (an index from
@@ -225,7 +225,8 @@ def write_shard(index: faiss.Index, faiss_ids: np.ndarray, item_ids: Sequence[An
 
 
 def read_shard(uri: str, entry: dict, spec: str, cache_dir: str) -> IndexShard:
-    """One shard of an index dir (a manifest entry), checked: IndexFilesError naming the file, else."""
+    """One shard of an index dir (a manifest entry), checked against its id map and the manifest's vector
+    count; IndexFilesError naming the file when it is missing, unreadable or disagrees."""
     fix = f"Rebuild the index with `item-pipeline build-index ... {uri} --overwrite`."
     faiss_uri, ids_uri = storage.join(uri, entry["faiss"]), storage.join(uri, entry["ids"])
     for part in (faiss_uri, ids_uri):
