@@ -41,7 +41,7 @@ def change(ids: np.ndarray, vectors: np.ndarray, share: float, seed: int) -> tup
     n_add, n_edit = int(k * 0.4), int(k * 0.3)
     n_del = k - n_add - n_edit
     pick = rng.choice(n, size=n_edit + n_del, replace=False)
-    edited, deleted = pick[:n_edit], pick[n_edit:]
+    edited = pick[:n_edit]  # the rest of `pick` is deleted: left out of day 1 below
 
     def near(rows: np.ndarray) -> np.ndarray:
         out = (vectors[rows] + 0.3 / np.sqrt(d) * rng.standard_normal((len(rows), d), dtype=np.float32)).astype(np.float32)

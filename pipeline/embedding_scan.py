@@ -68,8 +68,8 @@ def gather(embeddings_uri: str, positions: np.ndarray, columns: tuple[str, ...] 
             for c in columns:
                 parts[c].append(_values(picked.column(c), c))
         base += len(batch)
-    return {c: np.concatenate(v) if v else _values(pa.array([], pa.string()), c) if c == "item_id" else np.zeros((0, 0), np.float32)
-            for c, v in parts.items()}
+    empty = {"item_id": np.zeros(0, dtype=object), "embedding": np.zeros((0, 0), dtype=np.float32)}
+    return {c: np.concatenate(v) if v else empty[c] for c, v in parts.items()}
 
 
 def _values(column: pa.Array, name: str) -> np.ndarray:

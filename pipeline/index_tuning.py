@@ -36,12 +36,6 @@ def measure_recall(found_ids: np.ndarray, true_ids: np.ndarray, k: int = RECALL_
     return hits / (k * len(true))
 
 
-def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, item_ids: np.ndarray, k: int = RECALL_K) -> np.ndarray:
-    """Item ids [Q, k] of the exact inner-product top-k (FAISS brute force, blocked over the base)."""
-    _, rows = faiss.knn(np.ascontiguousarray(queries), np.ascontiguousarray(vectors), k, metric=faiss.METRIC_INNER_PRODUCT)
-    return item_ids[rows]
-
-
 def tune_search_param(
     index: ShardedIndex, queries: np.ndarray, true_ids: np.ndarray, min_recall: float, k: int = RECALL_K,
     exclude: np.ndarray | None = None,

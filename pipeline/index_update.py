@@ -26,7 +26,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
