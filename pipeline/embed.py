@@ -5,11 +5,14 @@ embedding table + rejects table, published atomically with its manifest.
       -> rows.Preprocess                  CPU tasks: validate rows, hash, tokenise, decode (uint8 pixels)
       -> encode.Encoder                   actor pool: model loaded once per actor, GPU (bf16) or CPU
       -> driver: iter_batches             split by `status` into part files (ParquetWriter): embeddings, rejects
-    + unchanged rows (--previous)         copied from the previous table, never re-encoded
+    --previous: before Preprocess, a left join (Ray Data, hash-shuffled) of the catalog rows with the
+    previous table's rows of this model version on item_id; a row whose content hash is unchanged carries
+    its previous embedding through, is never decoded or encoded, and is written to files of its own
     -> storage.publish(staging, OUT)      `_manifest.json` last: the commit point
 
 The pipeline is a single pass: every row leaves Preprocess with a `status` (ok / reject / unchanged)
-and its reason, and the writer splits on it. `Preprocess` and `Encoder` know nothing of Ray: each is a
+and its reason, and the writer splits on it. Nothing in the driver or in a worker grows with the catalog:
+the previous table reaches the rows through the engine's join, not as a dict sent to every task. `Preprocess` and `Encoder` know nothing of Ray: each is a
 plain class called on a dict (or Arrow table) batch, testable without a cluster. Resources (batch size,
 actor pool size, GPUs per actor, torch threads) are arguments; `ray.init` is the caller's business.
 
@@ -26,7 +29,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,11 +42,16 @@ from . import storage
 from .catalog import ColumnMap, arrow_filesystem, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
 from .encode import Encoder
 from .progress import Progress
-from .rows import OK, REJECT, UNCHANGED, Preprocess
+from .rows import OK, PREVIOUS, PREVIOUS_HASH, REJECT, UNCHANGED, Preprocess
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 8192  # rows per Parquet row group of the output tables
+# the incremental embed's join: about this many catalog rows per partition, at most this many partitions
+JOIN_PARTITION_ROWS, JOIN_PARTITIONS_MAX = 200_000, 256
 REJECTS_DIR = "_rejects"  # inside OUT: Parquet readers skip `_`-prefixed paths, publish moves it with OUT
 
 EMBEDDING_COLUMNS = ("item_id", "embedding", "modalities", "content_hash", "model_version", "embedded_at")
@@ -87,12 +95,12 @@ class EmbedOptions:
 
 
 class _PartWriter:
-    """Streams Arrow tables into `part-00000-<token>.parquet`, ... (storage.part_name of `stage`) of at most
+    """Streams Arrow tables into `<prefix>-00000-<token>.parquet`, ... (storage.part_name of `stage`) of at most
     `rows_per_file` rows each in `dir_uri`, through pyarrow's ParquetWriter: rows are buffered only up to
     one row group (ROW_GROUP_ROWS), never a whole file."""
 
-    def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int, stage: str) -> None:
-        self.stage = stage
+    def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int, stage: str, prefix: str = "part") -> None:
+        self.stage, self.prefix = stage, prefix
         self.fs, self.path = arrow_filesystem(dir_uri)
         self.fs.create_dir(self.path, recursive=True)
         self.schema, self.rows_per_file = schema, rows_per_file
@@ -116,7 +124,7 @@ class _PartWriter:
         """Write the next `rows` buffered rows as one row group, opening a new file when none is open."""
         start = time.perf_counter()
         if self.writer is None:
-            name = storage.part_name(self.stage, f"part-{len(self.files):05d}.parquet")
+            name = storage.part_name(self.stage, f"{self.prefix}-{len(self.files):05d}.parquet")
             self.writer = pq.ParquetWriter(f"{self.path}/{name}", self.schema, filesystem=self.fs)
             self.files.append(name)
         table = pa.concat_tables(self.buffer)
@@ -158,13 +166,33 @@ class _PartWriter:
 # --- the job ---------------------------------------------------------------------------------------
 
 
-def _read_previous(previous_uri: str, model_version: str) -> dict[str, str]:
-    """item_id -> content_hash of the previous table's rows embedded by this same model version."""
+def _previous_rows(previous_uri: str, model_version: str, id_column: str) -> ray.data.Dataset:
+    """The right side of the incremental embed's join: the previous table's rows embedded by this same
+    model version, keyed by the catalog's id column, their other columns renamed `_previous_*`."""
+    import ray
+
     storage.read_manifest(previous_uri)  # a clear error when it is not a published table
-    table = open_dataset(previous_uri).to_table(
-        columns=["item_id", "content_hash"], filter=pc.field("model_version") == model_version
-    )
-    return dict(zip(table.column("item_id").to_pylist(), table.column("content_hash").to_pylist()))
+    fs, _ = storage.get_fs(previous_uri)
+    ds = ray.data.read_parquet(storage.parquet_files(previous_uri), filesystem=fs, columns=list(EMBEDDING_COLUMNS))
+    return ds.map_batches(_as_previous, fn_args=(model_version, id_column), batch_format="pyarrow")
+
+
+def _as_previous(table: pa.Table, model_version: str, id_column: str) -> pa.Table:
+    table = table.filter(pc.equal(table.column("model_version"), model_version))
+    return pa.table({
+        id_column: table.column("item_id"),
+        PREVIOUS_HASH: table.column("content_hash"),
+        **{PREVIOUS + name: table.column(name) for name in ("embedding", "modalities", "embedded_at")},
+    })
+
+
+def _string_ids(table: pa.Table, id_column: str, drop: frozenset[str] = frozenset()) -> pa.Table:
+    """The id column as strings (the join key's type), without the rows whose id is in `drop`."""
+    i = table.schema.get_field_index(id_column)
+    table = table.set_column(i, id_column, id_as_string(table.column(i)))
+    if drop:
+        table = table.filter(pc.invert(pc.fill_null(pc.is_in(table.column(i), pa.array(sorted(drop), pa.string())), False)))
+    return table
 
 
 def _split_duplicates(catalog_uri: str, columns: ColumnMap, needed: list[str], dup: set[str]) -> tuple[pa.Table, pa.Table]:
@@ -212,14 +240,20 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     _, needed = validate_schema(catalog_uri, columns)
     model_version = read_model_version(storage.local_dir(model_dir))  # s3://: fetched once per machine
     dup, rows_in = duplicate_ids(catalog_uri, columns)
-    previous = _read_previous(options.previous, model_version) if options.previous else {}
+    previous = _previous_rows(options.previous, model_version, columns.item_id) if options.previous else None
     winners, dup_rejects = _split_duplicates(catalog_uri, columns, needed, dup) if dup else (None, None)
     timings["validate_s"] = time.perf_counter() - wall_start
 
-    prepare = dict(batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1)
-    ds = read_rows(catalog_uri, needed).map_batches(Preprocess(model_dir, columns, frozenset(dup), previous), **prepare)
+    # the rows: every duplicated id's rows leave the read, its first occurrence comes back from `winners`
+    rows = read_rows(catalog_uri, needed)
+    if dup or previous is not None:
+        rows = rows.map_batches(_string_ids, fn_args=(columns.item_id, frozenset(dup)), batch_format="pyarrow")
     if winners is not None and winners.num_rows:
-        ds = ds.union(ray.data.from_arrow(winners).map_batches(Preprocess(model_dir, columns, previous=previous), **prepare))
+        rows = rows.union(ray.data.from_arrow(_string_ids(winners, columns.item_id)))
+    if previous is not None:
+        rows = rows.join(previous, join_type="left_outer", on=(columns.item_id,),
+                         num_partitions=max(1, min(JOIN_PARTITIONS_MAX, rows_in // JOIN_PARTITION_ROWS)))
+    ds = rows.map_batches(Preprocess(model_dir, columns), batch_format="pyarrow", batch_size=options.batch_size, num_cpus=1)
     ds = ds.map_batches(
         Encoder,
         fn_constructor_kwargs=dict(
@@ -236,8 +270,8 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
         if dup_rejects is not None:
             rejects.add(dup_rejects)
             reject_reasons["duplicate_id"] += dup_rejects.num_rows
-        embeddings: _PartWriter | None = None
-        unchanged: list[str] = []
+        embeddings: _PartWriter | None = None  # the rows embedded in this run ("fresh"), then the carried ones
+        carried: _PartWriter | None = None  # unchanged rows, in files of their own
         image_errors: collections.Counter[str] = collections.Counter()
         modalities: collections.Counter[str] = collections.Counter()
         busy = {"preprocess_s": 0.0, "encode_s": 0.0}
@@ -249,7 +283,9 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             busy["encode_s"] += float(batch["_encode_s"].sum())
             status = batch["status"]
             if embeddings is None:
-                embeddings = _PartWriter(stage, embedding_schema(batch["embedding"].shape[1]), options.rows_per_file, stage)
+                schema = embedding_schema(batch["embedding"].shape[1])
+                embeddings = _PartWriter(stage, schema, options.rows_per_file, stage)
+                carried = _PartWriter(stage, schema, options.rows_per_file, stage, prefix="part-carried")
             ok = np.flatnonzero(status == OK)
             if len(ok):
                 embeddings.add(pa.table({
@@ -270,20 +306,28 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
                     "item_id": [None if r == "null_id" else i for r, i in zip(reasons, batch["item_id"][bad].tolist())],
                     "stage": batch["stage"][bad].tolist(), "reason": reasons, "detail": batch["detail"][bad].tolist(),
                 }, schema=REJECTS_SCHEMA))
-            unchanged.extend(batch["item_id"][status == UNCHANGED].tolist())
+            same = np.flatnonzero(status == UNCHANGED)
+            if len(same):  # as they were in the previous table
+                carried.add(pa.table({
+                    "item_id": pa.array(batch["item_id"][same], pa.string()),
+                    "embedding": storage.embedding_array(batch[PREVIOUS + "embedding"][same]),
+                    "modalities": pa.array(batch[PREVIOUS + "modalities"][same], pa.string()),
+                    "content_hash": pa.array(batch["content_hash"][same], pa.string()),
+                    "model_version": pa.array([model_version] * len(same), pa.string()),
+                    "embedded_at": pa.array(batch[PREVIOUS + "embedded_at"][same]).cast(pa.timestamp("us", tz="UTC")),
+                }))
         pipeline_s = time.perf_counter() - pipeline_start
         progress.finish()
 
         if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
             embeddings = _PartWriter(stage, embedding_schema(Encoder(model_dir, "cpu").dim), options.rows_per_file, stage)
         embedded = embeddings.rows + embeddings.buffered
-        # the rows embedded in this run get files of their own, before the carried-over ones: the index stage
-        # reads the night's new vectors from these files alone (pipeline/index_update.py)
+        # the rows embedded in this run have files of their own: the index stage reads the night's new
+        # vectors from these files alone (pipeline/index_update.py)
         fresh_files = embeddings.end_file() if embedded else []
-        carried = _carry_over(options.previous, unchanged, embeddings) if unchanged else 0
-        if carried != len(unchanged):
-            raise RuntimeError(f"{len(unchanged)} rows were unchanged but {carried} were found in {options.previous}")
-        embedding_files, rejects_files = embeddings.close(), rejects.close()
+        unchanged = carried.rows + carried.buffered if carried is not None else 0
+        embedding_files = fresh_files + carried.close() if unchanged else embeddings.close()
+        rejects_files = rejects.close()
         rejected = rejects.rows
         timings.update(busy)
         timings["write_s"] = embeddings.seconds + rejects.seconds
@@ -299,7 +343,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             "schema": str(embeddings.schema),
             "rows_in": rows_in,
             "embedded": embedded,
-            "unchanged_skipped": carried,
+            "unchanged_skipped": unchanged,
             "rejected": rejected,
             "rejects_by_reason": dict(sorted(reject_reasons.items())),
             "image_errors": dict(sorted(image_errors.items())),
@@ -315,27 +359,14 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
                           "encode_threads": options.encode_threads},
             "created_at": created_at.isoformat(),
         }
-        if rows_in != embedded + carried + rejected:
+        if rows_in != embedded + unchanged + rejected:
             raise RuntimeError(
-                f"counts do not reconcile: rows_in {rows_in} != embedded {embedded} + unchanged {carried} + "
+                f"counts do not reconcile: rows_in {rows_in} != embedded {embedded} + unchanged {unchanged} + "
                 f"rejected {rejected}; nothing was published"
             )
         manifest = storage.publish(stage, out_uri, manifest, overwrite=options.overwrite)
     log.info(summary_line(manifest))
     return manifest
-
-
-def _carry_over(previous_uri: str, unchanged: list[str], writer: _PartWriter) -> int:
-    """Copy the unchanged rows (embedding, modalities, embedded_at as they were) from the previous
-    table into this one, streaming; returns how many were copied."""
-    scanner = open_dataset(previous_uri).scanner(
-        columns=list(EMBEDDING_COLUMNS), filter=pc.field("item_id").isin(unchanged)
-    )
-    copied = 0
-    for record_batch in scanner.to_batches():
-        writer.add(pa.Table.from_batches([record_batch]))
-        copied += record_batch.num_rows
-    return copied
 
 
 def summary_line(manifest: Mapping[str, Any]) -> str:

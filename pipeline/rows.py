@@ -21,28 +21,26 @@ from . import storage
 from .catalog import ColumnMap, content_hash, id_as_string
 
 OK, REJECT, UNCHANGED = "ok", "reject", "unchanged"
+# Columns of the previous embedding table that the incremental embed joins to each catalog row
+# (pipeline/embed.py): a row whose content hash equals `_previous_hash` is unchanged; the other
+# `_previous_*` columns (its embedding, modalities, embedded_at) pass through to the writer.
+PREVIOUS = "_previous_"
+PREVIOUS_HASH = PREVIOUS + "hash"
 
 
 class Preprocess:
     """Catalog rows -> model inputs (numpy) plus each row's status, reason, modalities and content hash.
 
     A row is rejected when its id is null or empty, or when it has neither a usable title nor a usable
-    image (an unusable image on a row with a title only loses the image). Rows whose id is in `drop_ids`
-    are left out of the output (the embed job handles duplicated ids); rows whose (id, content hash) is in
-    `previous` are marked unchanged and not decoded.
+    image (an unusable image on a row with a title only loses the image). When the batch carries the
+    previous table's columns (`_previous_hash`, ...: the incremental embed's join), a row whose content
+    hash equals its `_previous_hash` is marked unchanged and not decoded, and the `_previous_*` columns
+    pass through.
     """
 
-    def __init__(
-        self,
-        processor: ItemProcessor | str,
-        columns: ColumnMap,
-        drop_ids: frozenset[str] | set[str] = frozenset(),
-        previous: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, processor: ItemProcessor | str, columns: ColumnMap) -> None:
         self.processor = ItemProcessor.from_pretrained(storage.local_dir(processor)) if isinstance(processor, str) else processor
         self.columns = columns
-        self.drop_ids = drop_ids
-        self.previous = previous or {}
 
     def _image_bytes(self, table: pa.Table) -> tuple[list[bytes | None], list[str]]:
         """Inline bytes, or bytes fetched from `image_uri` (a failed fetch is an unusable image)."""
@@ -68,10 +66,7 @@ class Preprocess:
         start = time.perf_counter()
         table = batch if isinstance(batch, pa.Table) else pa.table({k: list(v) for k, v in batch.items()})
         ids = id_as_string(table.column(self.columns.item_id)).to_pylist()
-        keep = [i for i, item_id in enumerate(ids) if item_id not in self.drop_ids]
-        if len(keep) < len(ids):
-            table = table.take(keep)
-            ids = [ids[i] for i in keep]
+        previous = table.column(PREVIOUS_HASH).to_pylist() if PREVIOUS_HASH in table.column_names else [None] * len(ids)
         titles = table.column(self.columns.title).to_pylist()
         images, fetch_errors = self._image_bytes(table)
         n, size = len(ids), self.processor.image_size
@@ -86,7 +81,7 @@ class Preprocess:
                 continue
             out_id[i] = item_id
             hashes[i] = content_hash(title, image)
-            if self.previous.get(item_id) == hashes[i]:
+            if previous[i] == hashes[i]:
                 status[i] = UNCHANGED
                 continue
             if fetch_errors[i]:
@@ -115,4 +110,17 @@ class Preprocess:
             "modalities": obj(modalities), "image_error": obj(image_error),
             **tokens, "pixel_values": pixels, "has_image": has_image,
             "_preprocess_s": np.full(n, elapsed / max(n, 1)),
+            **{name: _as_numpy(table.column(name)) for name in table.column_names
+               if name.startswith(PREVIOUS) and name != PREVIOUS_HASH},
         }
+
+
+def _as_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A joined column as numpy: a fixed-size list (an embedding) as a [n, D] matrix, zero where null."""
+    if not pa.types.is_fixed_size_list(column.type):
+        return column.to_numpy()
+    array = column.combine_chunks()
+    matrix = np.zeros((len(array), column.type.list_size), dtype=np.float32)
+    valid = array.is_valid()
+    matrix[valid.to_numpy(zero_copy_only=False)] = array.filter(valid).flatten().to_numpy().reshape(-1, matrix.shape[1])
+    return matrix

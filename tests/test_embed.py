@@ -208,13 +208,26 @@ def test_schema_error_fails_before_any_work(ray_local, tiny_model_dir, tmp_path)
 
 
 def test_preprocess_and_encoder_work_without_ray(tiny_model_dir) -> None:
-    cat = make_sample_catalog(60, seed=3)
-    batch = {k: cat.column(k).to_pylist() for k in ("item_id", "title", "image")}
-    prep = Preprocess(tiny_model_dir, ColumnMap(), drop_ids={batch["item_id"][0]})
-    out = prep(batch)
-    assert len(out["item_id"]) == 59 and set(out["status"]) <= {"ok", "reject"}
+    table = make_sample_catalog(60, seed=3).select(["item_id", "title", "image"])
+    prep = Preprocess(tiny_model_dir, ColumnMap())
+    first = prep(table)
+    assert len(first["item_id"]) == 60 and set(first["status"]) <= {"ok", "reject"}
+    # the incremental embed's join adds the previous table's columns: row i is unchanged, row j was edited
+    i, j = np.flatnonzero(first["status"] == "ok")[:2]
+    hashes = [None] * 60
+    hashes[i], hashes[j] = first["content_hash"][i], "an older hash"
+    vectors = [None] * 60
+    vectors[i] = vectors[j] = [0.5] * 32
+    joined = table.append_column("_previous_hash", pa.array(hashes, pa.string())).append_column(
+        "_previous_embedding", pa.array(vectors, pa.list_(pa.float32(), 32)))
+    out = prep(joined)
+    assert out["status"][i] == "unchanged" and out["status"][j] == "ok"
+    assert [k for k, s in enumerate(out["status"]) if s != first["status"][k]] == [i]
+    assert out["_previous_embedding"].shape == (60, 32) and out["_previous_embedding"][i].tolist() == [0.5] * 32
+    assert not np.delete(out["_previous_embedding"], [i, j], axis=0).any()
     encoded = Encoder(tiny_model_dir, device="cpu", num_threads=1)(out)
-    assert encoded["embedding"].shape == (59, 32) and "pixel_values" not in encoded
+    assert encoded["embedding"].shape == (60, 32) and "pixel_values" not in encoded
+    assert encoded["_previous_embedding"][i].tolist() == [0.5] * 32  # passed through to the writer
     ok = out["status"] == "ok"
     np.testing.assert_allclose(np.linalg.norm(encoded["embedding"][ok], axis=1), 1.0, atol=1e-5)
     assert not encoded["embedding"][~ok].any()
