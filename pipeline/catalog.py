@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
@@ -183,13 +184,32 @@ def read_labels(uri: str, columns: ColumnMap) -> "pd.DataFrame":
     return frame[frame["item_id"].notna()].drop_duplicates("item_id", keep="first").reset_index(drop=True)
 
 
-def duplicate_ids(uri: str, columns: ColumnMap) -> tuple[set[str], int]:
-    """The cheap global pass: read only the id column; return (ids that occur more than once, rows)."""
-    table = open_dataset(uri).to_table(columns=[columns.item_id])
-    ids = id_as_string(table.column(columns.item_id))
-    counts = pc.value_counts(ids.drop_null())
+ID_BUCKET_ROWS = 2_000_000  # ids per task of a pass over the ids split by `id_bucket`
+
+
+def duplicate_ids(uri: str, columns: ColumnMap, bucket: int = 0, n_buckets: int = 1) -> tuple[set[str], int]:
+    """The cheap global pass: read only the id column; return (ids that occur more than once, rows).
+
+    With `n_buckets` > 1 only the ids whose `id_bucket` is `bucket` are counted, so that the embed job can
+    split the pass over tasks and no process holds every id; `rows` is still every row read.
+    """
+    kept: list[pa.Array] = []
+    rows = 0
+    for batch in open_dataset(uri).to_batches(columns=[columns.item_id]):
+        ids = id_as_string(batch.column(0))
+        rows += len(ids)
+        kept.append(ids if n_buckets == 1 else ids.filter(pa.array(id_bucket(ids, n_buckets) == bucket)))
+    counts = pc.value_counts(pa.chunked_array(kept, pa.string()).drop_null())
     dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    return set(dup.to_pylist()), len(ids)
+    return set(dup.to_pylist()), rows
+
+
+def id_bucket(ids: pa.Array, n_buckets: int) -> np.ndarray:
+    """[n] int: which of `n_buckets` each string id falls in (polars' hash of the id, seeded: the same
+    bucket in every process of one installation), for passes over the ids split across tasks."""
+    import polars as pl
+
+    return (pl.Series(ids).hash(seed=0) % n_buckets).to_numpy().astype(np.int64)
 
 
 def content_hash(title: str | None, image: bytes | None) -> str:

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pds
 import ray
 
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
+from pipeline.catalog import ID_BUCKET_ROWS, id_bucket
 from pipeline.embedding_scan import exact_neighbours_streamed, gather, read_vectors
 from pipeline.index_build import IndexBuildConfig, build_index
 
@@ -64,16 +65,25 @@ class Changes:
         return len(self.added) + len(self.edited) + len(self.deleted)
 
 
-def _keys(uri: str) -> pa.Table:
+def _keys(uri: str, bucket: int, n_buckets: int) -> pa.Table:
+    """(item_id, content_hash, model_version) of a table's rows whose `id_bucket` is `bucket`, streamed."""
     fs, _ = storage.get_fs(uri)
-    table = pq.read_table(storage.parquet_files(uri), filesystem=fs, columns=["item_id", "content_hash", "model_version"])
-    return table.set_column(0, "item_id", table.column("item_id").cast(pa.string()))
+    dataset = pds.dataset(storage.parquet_files(uri), filesystem=fs, format="parquet")
+    schema = pa.schema([("item_id", pa.string()), ("content_hash", pa.string()), ("model_version", pa.string())])
+    kept = []
+    for batch in dataset.to_batches(columns=schema.names):
+        table = pa.Table.from_batches([batch]).cast(schema)
+        if n_buckets > 1:
+            table = table.filter(pa.array(id_bucket(table.column("item_id").combine_chunks(), n_buckets) == bucket))
+        kept.append(table)
+    return pa.concat_tables([schema.empty_table(), *kept])
 
 
-def table_changes(previous_uri: str, current_uri: str) -> Changes:
-    """Added, edited and deleted item ids between two published embedding tables (a join on item_id)."""
-    old = _keys(previous_uri)
-    new = _keys(current_uri)
+def table_changes(previous_uri: str, current_uri: str, bucket: int = 0, n_buckets: int = 1) -> Changes:
+    """Added, edited and deleted item ids between two published embedding tables (a join on item_id);
+    with `n_buckets` > 1, of the ids in `bucket` only (`n_current`: that bucket's rows of the new table)."""
+    old = _keys(previous_uri, bucket, n_buckets)
+    new = _keys(current_uri, bucket, n_buckets)
     old = old.append_column("in_old", pa.array(np.ones(len(old), dtype=bool)))
     new = new.append_column("in_new", pa.array(np.ones(len(new), dtype=bool)))
     both = new.join(old, "item_id", join_type="full outer", right_suffix="_old")
@@ -87,6 +97,16 @@ def table_changes(previous_uri: str, current_uri: str) -> Changes:
 
     return Changes(added=ids(pc.and_(in_new, pc.invert(in_old))), edited=ids(edited),
                    deleted=ids(pc.and_(in_old, pc.invert(in_new))), n_current=len(new))
+
+
+def changes_by_task(previous_uri: str, current_uri: str, n_rows: int) -> Changes:
+    """`table_changes` split over Ray tasks by a hash of the id (one per ID_BUCKET_ROWS rows), so that no
+    process holds every id; the driver gets the changed ids only."""
+    n_buckets = max(1, -(-n_rows // ID_BUCKET_ROWS))
+    task = ray.remote(table_changes).options(num_cpus=1)
+    parts = ray.get([task.remote(previous_uri, current_uri, b, n_buckets) for b in range(n_buckets)])
+    return Changes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("added", "edited", "deleted")),
+                   n_current=sum(p.n_current for p in parts))
 
 
 @ray.remote(num_cpus=1)
@@ -133,7 +153,7 @@ def update_index(previous_uri: str, embeddings_uri: str, out_uri: str, config: I
     emb_manifest = storage.read_manifest(embeddings_uri)
     if not storage.is_published(previous["embeddings"]):
         raise CannotUpdate(f"the embedding table the previous index was made from ({previous['embeddings']}) is gone")
-    changes = table_changes(previous["embeddings"], embeddings_uri)
+    changes = changes_by_task(previous["embeddings"], embeddings_uri, previous["n_vectors"])
     timings["diff_s"] = time.perf_counter() - start
     _check_updatable(previous, emb_manifest, config, changes.n_current)
     base = previous.get("base_build") or {"built_at": previous.get("built_at"), "n_vectors": previous["n_vectors"]}

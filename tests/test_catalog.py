@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.catalog import CatalogSchemaError, ColumnMap, content_hash, duplicate_ids, validate_schema
+from pipeline.catalog import CatalogSchemaError, ColumnMap, content_hash, duplicate_ids, id_bucket, validate_schema
 
 
 def _write(path, **columns) -> str:
@@ -62,6 +66,18 @@ def test_duplicate_ids_over_a_directory(tmp_path) -> None:
     _write(tmp_path / "cat" / "part-1.parquet", item_id=["b", "c", None], title=["", "", ""])
     dup, rows = duplicate_ids(str(tmp_path / "cat"), ColumnMap())
     assert dup == {"b"} and rows == 6  # nulls are not duplicates of each other: they are null_id rejects
+    # split by a hash of the id, as the embed job runs it: each bucket finds its own, together the same
+    split = [duplicate_ids(str(tmp_path / "cat"), ColumnMap(), bucket, 3) for bucket in range(3)]
+    assert set().union(*(d for d, _ in split)) == {"b"} and [r for _, r in split] == [6, 6, 6]
+    ids = pa.array([f"id-{i}" for i in range(1000)])
+    buckets = id_bucket(ids, 3)
+    assert set(buckets.tolist()) == {0, 1, 2}
+    # the tasks of one pass run in other processes: the bucket of an id must not depend on the process
+    other = subprocess.run([sys.executable, "-c", "import pyarrow as pa; from pipeline.catalog import id_bucket; "
+                            "print(id_bucket(pa.array([f'id-{i}' for i in range(1000)]), 3).tolist())"],
+                           check=True, capture_output=True, text=True).stdout
+    assert other.strip() == str(buckets.tolist())
+    assert min(np.bincount(buckets)) > 250  # spread evenly enough to split the work
 
 
 def test_content_hash_is_stable_and_separates_fields() -> None:

@@ -62,6 +62,12 @@ def test_table_changes_finds_adds_edits_and_deletes(tmp_path):
     assert sorted(changes.edited) == sorted(truth["edited"])
     assert sorted(changes.deleted) == sorted(truth["deleted"])
     assert changes.n_current == 200 + 5 - 3
+    # split by a hash of the id over tasks, as the update runs it: the same changes, each id in one bucket
+    parts = [table_changes(before, str(tmp_path / "d1"), bucket, 3) for bucket in range(3)]
+    for field in ("added", "edited", "deleted"):
+        found = np.concatenate([getattr(p, field) for p in parts])
+        assert sorted(found) == sorted(getattr(changes, field))
+    assert sum(p.n_current for p in parts) == changes.n_current and sum(bool(p.n_changed) for p in parts) >= 2
 
 
 def test_a_week_of_nightly_changes_is_updated_in_place_and_stays_exact(tmp_path, ray_local):
