@@ -70,12 +70,12 @@ def _keys(uri: str, bucket: int, n_buckets: int) -> pa.Table:
     fs, _ = storage.get_fs(uri)
     dataset = pds.dataset(storage.parquet_files(uri), filesystem=fs, format="parquet")
     schema = pa.schema([("item_id", pa.string()), ("content_hash", pa.string()), ("model_version", pa.string())])
+    if n_buckets == 1:  # every id: one multi-threaded read
+        return dataset.to_table(columns=schema.names).cast(schema)
     kept = []
     for batch in dataset.to_batches(columns=schema.names):
         table = pa.Table.from_batches([batch]).cast(schema)
-        if n_buckets > 1:
-            table = table.filter(pa.array(id_bucket(table.column("item_id").combine_chunks(), n_buckets) == bucket))
-        kept.append(table)
+        kept.append(table.filter(pa.array(id_bucket(table.column("item_id").combine_chunks(), n_buckets) == bucket)))
     return pa.concat_tables([schema.empty_table(), *kept])
 
 
