@@ -2,19 +2,20 @@
 embedding table + rejects table, published atomically with its manifest.
 
     catalog.read_rows(needed columns)     Ray read tasks
+      (--previous) -> join                a left join (Ray Data, hash-shuffled) with the previous table's rows of
+                                          this model version on the id: an unchanged row carries its embedding
+                                          through, is never decoded or encoded, and gets files of its own
       -> rows.Preprocess                  CPU tasks: validate rows, hash, tokenise, decode (uint8 pixels)
       -> encode.Encoder                   actor pool: model loaded once per actor, GPU (bf16) or CPU
       -> driver: iter_batches             split by `status` into part files (ParquetWriter): embeddings, rejects
-    --previous: before Preprocess, a left join (Ray Data, hash-shuffled) of the catalog rows with the
-    previous table's rows of this model version on item_id; a row whose content hash is unchanged carries
-    its previous embedding through, is never decoded or encoded, and is written to files of its own
     -> storage.publish(staging, OUT)      `_manifest.json` last: the commit point
 
 The pipeline is a single pass: every row leaves Preprocess with a `status` (ok / reject / unchanged)
-and its reason, and the writer splits on it. Nothing in the driver or in a worker grows with the catalog:
-the previous table reaches the rows through the engine's join, not as a dict sent to every task. `Preprocess` and `Encoder` know nothing of Ray: each is a
-plain class called on a dict (or Arrow table) batch, testable without a cluster. Resources (batch size,
-actor pool size, GPUs per actor, torch threads) are arguments; `ray.init` is the caller's business.
+and its reason, and the writer splits on it. The previous table reaches the rows through the engine's
+join, not as a dict held by the driver and sent to every task. `Preprocess` and `Encoder` know nothing of
+Ray: each is a plain class called on a dict (or Arrow table) batch, testable without a cluster. Resources
+(batch size, actor pool size, GPUs per actor, torch threads) are arguments; `ray.init` is the caller's
+business.
 
 Duplicate ids need a global view: a cheap pass over the id column (ids only, split over tasks by a hash of
 the id) finds them before the heavy stages. Rows with a duplicated id are taken out of the streaming read
@@ -335,7 +336,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
         rejects_files = rejects.close()
         rejected = rejects.rows
         timings.update(busy)
-        timings["write_s"] = embeddings.seconds + rejects.seconds
+        timings["write_s"] = embeddings.seconds + rejects.seconds + (carried.seconds if carried is not None else 0.0)
         timings["pipeline_s"] = pipeline_s
         timings["wall_s"] = time.perf_counter() - wall_start
         manifest = {

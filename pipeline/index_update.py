@@ -66,7 +66,8 @@ class Changes:
 
 
 def _keys(uri: str, bucket: int, n_buckets: int) -> pa.Table:
-    """(item_id, content_hash, model_version) of a table's rows whose `id_bucket` is `bucket`, streamed."""
+    """(item_id, content_hash, model_version) of a table's rows whose `id_bucket` is `bucket` (read batch by
+    batch, keeping the bucket's rows; with one bucket, one read of every row)."""
     fs, _ = storage.get_fs(uri)
     dataset = pds.dataset(storage.parquet_files(uri), filesystem=fs, format="parquet")
     schema = pa.schema([("item_id", pa.string()), ("content_hash", pa.string()), ("model_version", pa.string())])
