@@ -117,10 +117,4 @@ class Preprocess:
 
 def _as_numpy(column: pa.ChunkedArray) -> np.ndarray:
     """A joined column as numpy: a fixed-size list (an embedding) as a [n, D] matrix, zero where null."""
-    if not pa.types.is_fixed_size_list(column.type):
-        return column.to_numpy()
-    array = column.combine_chunks()
-    matrix = np.zeros((len(array), column.type.list_size), dtype=np.float32)
-    valid = array.is_valid()
-    matrix[valid.to_numpy(zero_copy_only=False)] = array.filter(valid).flatten().to_numpy().reshape(-1, matrix.shape[1])
-    return matrix
+    return storage.embedding_matrix(column) if pa.types.is_fixed_size_list(column.type) else column.to_numpy()

@@ -270,12 +270,18 @@ def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A `fixed_size_list<float32>[D]` column -> [N, D] float32 numpy, without a Python loop."""
+    """A `fixed_size_list<float32>[D]` column -> [N, D] float32 numpy, without a Python loop; a null row
+    (a left join's unmatched row) is all zeros."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if not pa.types.is_fixed_size_list(column.type):
         raise TypeError(f"embedding column must be fixed_size_list<float32>[D], got {column.type}")
     dim = column.type.list_size
+    if column.null_count:
+        matrix = np.zeros((len(column), dim), dtype=np.float32)
+        valid = column.is_valid()
+        matrix[valid.to_numpy(zero_copy_only=False)] = embedding_matrix(column.filter(valid))
+        return matrix
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
 
 
