@@ -29,7 +29,8 @@ from pipeline import storage
 from pipeline.index import ShardedIndex
 from pipeline.index_build import IndexBuildConfig, build_index
 from pipeline.index_tuning import measure_recall
-from pipeline.index_update import build_or_update, exact_neighbours_streamed
+from pipeline.embedding_scan import exact_neighbours_streamed
+from pipeline.index_update import build_or_update
 
 
 def change(ids: np.ndarray, vectors: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:

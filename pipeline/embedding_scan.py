@@ -18,14 +18,19 @@ EXACT_CHUNK = 16_384  # table rows per matrix product of the exact top-k ...
 QUERY_BLOCK = 512  # ... and queries: [512, 16k] scores (32 MiB) stay small whatever the number of queries
 
 
-def num_rows(embeddings_uri: str) -> int:
-    """Rows of a table, from the Parquet footers (no data read)."""
+def file_rows(embeddings_uri: str) -> list[int]:
+    """Rows of each of a table's files in storage order, from the Parquet footers (no data read)."""
     fs, _ = storage.get_fs(embeddings_uri)
-    total = 0
+    rows = []
     for path in storage.parquet_files(embeddings_uri):
         with fs.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+    return rows
+
+
+def num_rows(embeddings_uri: str) -> int:
+    """Rows of a table, from the Parquet footers (no data read)."""
+    return sum(file_rows(embeddings_uri))
 
 
 def batches(embeddings_uri: str, columns: list[str], files: list[str] | None = None,
@@ -57,11 +62,13 @@ def batches(embeddings_uri: str, columns: list[str], files: list[str] | None = N
 def gather(embeddings_uri: str, positions: np.ndarray, columns: tuple[str, ...] = ("item_id", "embedding")
            ) -> dict[str, np.ndarray]:
     """The table's rows at `positions` (row numbers in storage order), in ascending position order:
-    {"item_id": [P] object, "embedding": [P, D] float32} (the columns asked for), in one streamed pass."""
+    {"item_id": [P] object, "embedding": [P, D] float32} (the columns asked for), in one streamed pass over
+    the rows from the first position to the last."""
     positions = np.unique(np.asarray(positions, dtype=np.int64))
     parts: dict[str, list] = {c: [] for c in columns}
-    base = 0
-    for batch in batches(embeddings_uri, list(columns)):
+    base = int(positions[0]) if len(positions) else 0
+    stop = int(positions[-1]) + 1 if len(positions) else 0
+    for batch in batches(embeddings_uri, list(columns), start=base, stop=stop):
         lo, hi = np.searchsorted(positions, [base, base + len(batch)])
         if hi > lo:
             picked = batch.take(pa.array(positions[lo:hi] - base))
@@ -78,30 +85,48 @@ def _values(column: pa.Array, name: str) -> np.ndarray:
     return column.cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
 
 
-def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a whole embedding table, read one
-    record batch at a time: the table's vectors are never all held. Per chunk of rows one matrix product;
-    only scores above a query's current k-th best are kept (after the first chunks, a few per query). The
-    item ids of the neighbours are read in a second pass over the id column."""
+def exact_top_k(embeddings_uri: str, queries: np.ndarray, k: int, start: int = 0, stop: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The exact inner-product top-k of `queries` among the table's rows start..stop-1: (scores [Q, k]
+    float32, descending, -inf where the range has fewer than k rows; item ids [Q, k] object, None there).
+
+    Read one record batch at a time, so the range's vectors are never all held: per chunk of rows one
+    matrix product, and only scores above a query's current k-th best are kept (after the first chunks, a
+    few per query). The neighbours' item ids are read in a second pass over the id column of the range."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # descending per row
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    base = 0
-    for batch in batches(embeddings_uri, ["embedding"]):
+    base = start
+    for batch in batches(embeddings_uri, ["embedding"], start=start, stop=stop):
         vectors = storage.embedding_matrix(batch.column(0))
-        for start in range(0, len(vectors), EXACT_CHUNK):
-            chunk = vectors[start:start + EXACT_CHUNK]
+        for first in range(0, len(vectors), EXACT_CHUNK):
+            chunk = vectors[first:first + EXACT_CHUNK]
             for q in range(0, len(queries), QUERY_BLOCK):  # temporaries of [QUERY_BLOCK, EXACT_CHUNK] at most
                 block = slice(q, q + QUERY_BLOCK)
                 best_s[block], best_i[block] = _merge_top_k(best_s[block], best_i[block], queries[block] @ chunk.T,
-                                                            base + start)
+                                                            base + first)
         base += len(vectors)
     found = best_i >= 0
     needed = np.unique(best_i[found])
     ids = gather(embeddings_uri, needed, ("item_id",))["item_id"]  # only the rows that are someone's neighbour
     out = np.full(best_i.shape, None, dtype=object)
     out[found] = ids[np.searchsorted(needed, best_i[found])]
-    return out
+    return best_s, out
+
+
+def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a whole table, in this process
+    (index_build.exact_neighbours splits the same scan over Ray tasks)."""
+    return exact_top_k(embeddings_uri, queries, k)[1]
+
+
+def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """Item ids [Q, k] of the best k of several (scores, ids) top-k lists of the same queries over disjoint
+    row ranges, given in row order: ties go to the earlier range, as in one scan."""
+    scores = np.concatenate([s for s, _ in parts], axis=1)
+    ids = np.concatenate([i for _, i in parts], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, axis=1)
 
 
 def _merge_top_k(best_s: np.ndarray, best_i: np.ndarray, scores: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:

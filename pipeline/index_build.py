@@ -18,9 +18,11 @@ import ray
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
-from pipeline.embedding_scan import batches, exact_neighbours_streamed, gather, num_rows
+from pipeline.embedding_scan import batches, exact_top_k, file_rows, gather, merge_top_k, num_rows
 
 log = logging.getLogger(__name__)
+
+EXACT_TASK_ROWS = 250_000  # table rows (whole files) per task of the exact top-k that recall is measured against
 
 
 @dataclass
@@ -51,6 +53,27 @@ def _train_task(embeddings_uri: str, spec: str, sample_rows: np.ndarray, query_r
     return {"trained": faiss.serialize_index(trained).tobytes(), "query_ids": rows["item_id"][where],
             "queries": rows["embedding"][where], "read_s": read_s, "train_s": time.perf_counter() - start - read_s,
             "peak_rss_mib": _peak_rss_mib()}
+
+
+@ray.remote(num_cpus=1)
+def _top_k_task(embeddings_uri: str, queries: np.ndarray, k: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    return exact_top_k(embeddings_uri, queries, k, start, stop)
+
+
+def exact_neighbours(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a table: one Ray task per run of
+    whole files of about EXACT_TASK_ROWS rows (each task reads only its files), their top-k lists merged
+    here. On one machine the scan is bound by the disk; on a cluster the tasks read in parallel."""
+    queries_ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+    bounds, rows = [0], 0
+    for n in file_rows(embeddings_uri):
+        rows += n
+        if rows - bounds[-1] >= EXACT_TASK_ROWS:
+            bounds.append(rows)
+    if rows > bounds[-1] or len(bounds) == 1:
+        bounds.append(rows)
+    refs = [_top_k_task.remote(embeddings_uri, queries_ref, k, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    return merge_top_k(ray.get(refs), k)
 
 
 @ray.remote(num_cpus=1)
@@ -131,7 +154,7 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
 
         step = time.perf_counter()
         # the queries are vectors of the index: their own ids are left out of both lists (real neighbours only)
-        truth = exact_neighbours_streamed(embeddings_uri, queries, tuning.RECALL_K + 1)
+        truth = exact_neighbours(embeddings_uri, queries, tuning.RECALL_K + 1)
         params, trials, recall, peaks["tune"] = ray.get(_tune_task.remote(
             stage, shards, d, spec, queries, query_ids, truth, n_eval, config.min_recall, threads))
         timings["tune_s"] = time.perf_counter() - step

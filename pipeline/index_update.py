@@ -36,8 +36,8 @@ from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
 from pipeline.catalog import ID_BUCKET_ROWS, id_bucket
-from pipeline.embedding_scan import exact_neighbours_streamed, gather, read_vectors
-from pipeline.index_build import IndexBuildConfig, build_index
+from pipeline.embedding_scan import gather, read_vectors
+from pipeline.index_build import IndexBuildConfig, build_index, exact_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def update_index(previous_uri: str, embeddings_uri: str, out_uri: str, config: I
         index = ix.ShardedIndex.open(stage, shards, previous["dim"], previous["spec"], previous["search_params"])
         queries, query_ids = _queries(new_ids, new_vectors, embeddings_uri, changes, config)
         k1 = tuning.RECALL_K + 1
-        truth = exact_neighbours_streamed(embeddings_uri, queries, k1)
+        truth = exact_neighbours(embeddings_uri, queries, k1)
         _, found = index.search(queries, k1)
         recall = tuning.measure_recall(found, truth, exclude=query_ids)
         timings["recall_s"] = time.perf_counter() - step

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import storage
 from jobs.cli import main
+from pipeline import index_build, storage
+from pipeline.embedding_scan import exact_neighbours_streamed
 from pipeline.index import (
     IndexFilesError,
     RecallTooLowError,
@@ -23,6 +24,7 @@ from pipeline.index import (
 )
 from pipeline.index_build import IndexBuildConfig, build_index
 from pipeline.index_tuning import measure_recall
+from tests.index_data import write_embedding_table
 
 GiB = 2**30
 
@@ -100,6 +102,22 @@ def test_sharded_index_returns_the_exact_top_k(tmp_path, embeddings_uri, index_c
     np.testing.assert_allclose(scores, true_scores, atol=1e-5)
     assert (found == index_catalog.item_ids[rows]).mean() > 0.99  # equal scores may swap places
     assert measure_recall(found, index_catalog.item_ids[rows]) > 0.99
+
+
+def test_exact_top_k_split_over_tasks_equals_one_scan(tmp_path, index_catalog, ray_local, monkeypatch):
+    """The recall's ground truth, split over Ray tasks by runs of whole files (here 7 files of ~430 rows,
+    two files a task, the last one alone), is the exact top-k of the whole table: the same ids as one scan in this
+    process, and as FAISS's exact search."""
+    uri = str(tmp_path / "emb")
+    write_embedding_table(uri, index_catalog.item_ids, index_catalog.vectors, n_files=7)
+    monkeypatch.setattr(index_build, "EXACT_TASK_ROWS", 700)
+    queries = index_catalog.vectors[::53]
+    found = index_build.exact_neighbours(uri, queries, 11)
+    np.testing.assert_array_equal(found, exact_neighbours_streamed(uri, queries, 11))
+    exact = faiss.IndexFlatIP(32)
+    exact.add(index_catalog.vectors)
+    _, rows = exact.search(queries, 11)
+    assert (found == index_catalog.item_ids[rows]).mean() > 0.99  # equal scores may swap places
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path, embeddings_uri, ray_local):

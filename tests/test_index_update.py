@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from pipeline import storage
+from pipeline.embedding_scan import exact_neighbours_streamed
 from pipeline.index import ShardedIndex
 from pipeline.index_build import IndexBuildConfig
 from pipeline.index_tuning import measure_recall
-from pipeline.index_update import build_or_update, exact_neighbours_streamed, table_changes
+from pipeline.index_update import build_or_update, table_changes
 from tests.index_data import make_catalog, write_embedding_table
 
 
