@@ -26,10 +26,10 @@ import ray
 from bench.bench_index import generate, peak_rss_gib, write_table
 from jobs.cli import parse_bytes
 from pipeline import storage
+from pipeline.embedding_scan import exact_neighbours_streamed
 from pipeline.index import ShardedIndex
 from pipeline.index_build import IndexBuildConfig, build_index
 from pipeline.index_tuning import measure_recall
-from pipeline.embedding_scan import exact_neighbours_streamed
 from pipeline.index_update import build_or_update
 
 

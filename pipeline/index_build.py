@@ -22,7 +22,7 @@ from pipeline.embedding_scan import batches, exact_top_k, file_rows, gather, mer
 
 log = logging.getLogger(__name__)
 
-EXACT_TASK_ROWS = 250_000  # table rows (whole files) per task of the exact top-k that recall is measured against
+EXACT_TASK_ROWS = 250_000  # at least this many table rows (whole files) per task of the exact top-k that recall is measured against
 
 
 @dataclass
@@ -62,8 +62,9 @@ def _top_k_task(embeddings_uri: str, queries: np.ndarray, k: int, start: int, st
 
 def exact_neighbours(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
     """Item ids [Q, k] of the exact inner-product top-k of `queries` over a table: one Ray task per run of
-    whole files of about EXACT_TASK_ROWS rows (each task reads only its files), their top-k lists merged
-    here. On one machine the scan is bound by the disk; on a cluster the tasks read in parallel."""
+    whole files holding at least EXACT_TASK_ROWS rows (the last run may hold fewer); each task reads only
+    its files, and their top-k lists are merged here. On one machine the scan is bound by the disk; on a
+    cluster the tasks read in parallel."""
     queries_ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
     bounds, rows = [0], 0
     for n in file_rows(embeddings_uri):
