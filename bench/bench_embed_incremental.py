@@ -8,8 +8,9 @@ table's item_id -> content_hash dict built in the driver and sent to every Prepr
 finds the unchanged rows by a join in Ray Data. For each size the catalog (title-only rows: decoding is not
 what is measured) and night 1's embedding table (random unit vectors under the right content hashes and
 model version, so night 2 sees 99% of the rows unchanged) are written once, then night 2 runs in a fresh
-process per tree, `ray.init(num_cpus=2)`: its wall time, the driver's peak RSS (getrusage) and the largest
-RSS of any Ray worker process (sampled from /proc every 0.2 s). Prints a Markdown table.
+process per tree, `ray.init(num_cpus=2)`: its wall time, the driver's peak RSS (getrusage) and how much of
+it was heap and how much the object store's shared pages (sampled from /proc/self/status every 0.1 s), and
+the largest RSS of any Ray worker process (sampled from /proc every 0.2 s). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def _write(n: int, work: str) -> None:
                    os.path.join(work, "catalog.parquet"), row_group_size=50_000)
 
 
+def _driver_rss_split(stop: threading.Event, peak: dict[str, float]) -> None:
+    """This process's resident memory (GiB) at its highest, split as /proc/self/status does: RssAnon (the
+    heap: Python and Arrow objects), RssFile (mapped files and libraries), RssShmem (shared memory: the Ray
+    object store's pages the driver maps while it reads blocks)."""
+    while not stop.wait(0.1):
+        with open("/proc/self/status") as f:
+            now = {k: int(v.split()[0]) / 2**20 for k, v in (line.split(":", 1) for line in f) if k.startswith("Rss")}
+        if sum(now.values()) > sum(peak.values()):
+            peak.update(now)
+
+
 def _embed(work: str, out: str) -> dict:
     import ray
 
@@ -84,16 +96,21 @@ def _embed(work: str, out: str) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stop, peak = threading.Event(), [0.0]
-    sampler = threading.Thread(target=_peak_worker_rss, args=(stop, peak), daemon=True)
-    sampler.start()
+    split = {"RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0}
+    samplers = [threading.Thread(target=_peak_worker_rss, args=(stop, peak), daemon=True),
+                threading.Thread(target=_driver_rss_split, args=(stop, split), daemon=True)]
+    for sampler in samplers:
+        sampler.start()
     start = time.perf_counter()
     m = run_embed(os.path.join(work, "catalog.parquet"), os.path.join(work, "model"), os.path.join(work, out),
                   EmbedOptions(batch_size=1024, previous=os.path.join(work, "night1"), encode_threads=1))
     seconds = time.perf_counter() - start
     stop.set()
-    sampler.join()
+    for sampler in samplers:
+        sampler.join()
     return {"seconds": seconds, "embedded": m["embedded"], "unchanged": m["unchanged_skipped"],
-            "driver_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "worker_gib": peak[0]}
+            "driver_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "worker_gib": peak[0],
+            "driver_heap_gib": split["RssAnon"], "driver_shmem_gib": split["RssShmem"]}
 
 
 @click.command()
@@ -126,10 +143,11 @@ def main(sizes, reference, work, step, out):
             rows.append((n, name, figures))
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at the end")
-    print("\n| catalog rows | code | embedded | unchanged | night 2 s | driver peak RSS GiB | worker peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| catalog rows | code | embedded | unchanged | night 2 s | driver peak RSS GiB | of it heap / object-store pages | worker peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for n, name, f in rows:
-        print(f"| {n:,} | {name} | {f['embedded']:,} | {f['unchanged']:,} | {f['seconds']:.1f} | {f['driver_gib']:.2f} | {f['worker_gib']:.2f} |")
+        print(f"| {n:,} | {name} | {f['embedded']:,} | {f['unchanged']:,} | {f['seconds']:.1f} | {f['driver_gib']:.2f} | "
+              f"{f['driver_heap_gib']:.2f} / {f['driver_shmem_gib']:.2f} | {f['worker_gib']:.2f} |")
 
 
 if __name__ == "__main__":
