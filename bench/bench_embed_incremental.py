@@ -66,7 +66,8 @@ def _write(n: int, work: str) -> None:
     files = []
     for start in range(0, n, 250_000):
         files.append(f"part-{len(files):05d}.parquet")
-        pq.write_table(night1.slice(start, 250_000), os.path.join(work, "night1", files[-1]))
+        pq.write_table(night1.slice(start, 250_000), os.path.join(work, "night1", files[-1]),
+                       **storage.parquet_options(night1.schema))
     manifest = {"kind": "embeddings", "files": files, "fresh_files": files, "model_version": version, "dim": model.embedding_dim,
                 "rows_in": n, "embedded": n, "unchanged_skipped": 0, "rejected": 0}
     with open(os.path.join(work, "night1", "_manifest.json"), "w") as f:

@@ -76,7 +76,7 @@ def write_table(uri: str, ids: np.ndarray, vectors: np.ndarray, content_hash: np
                     "embedded_at": pa.array([dt.datetime(2025, 1, 1)] * n, pa.timestamp("us")),
                 }
             )
-            pq.write_table(table, os.path.join(stage, f"part-{f:05d}.parquet"))
+            pq.write_table(table, os.path.join(stage, f"part-{f:05d}.parquet"), **storage.parquet_options(table.schema))
         extra = {} if fresh is None else {
             "previous": previous, "fresh_files": [f"part-{f:05d}.parquet" for f, b in enumerate(bounds) if b < fresh]}
         storage.publish(stage, uri, {"model_version": "bench-synthetic", "dim": vectors.shape[1], "model_dir": None,

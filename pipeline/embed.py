@@ -127,7 +127,8 @@ class _PartWriter:
         start = time.perf_counter()
         if self.writer is None:
             name = storage.part_name(self.stage, f"{self.prefix}-{len(self.files):05d}.parquet")
-            self.writer = pq.ParquetWriter(f"{self.path}/{name}", self.schema, filesystem=self.fs)
+            self.writer = pq.ParquetWriter(f"{self.path}/{name}", self.schema, filesystem=self.fs,
+                                          **storage.parquet_options(self.schema))
             self.files.append(name)
         table = pa.concat_tables(self.buffer)
         head, rest = table.slice(0, rows), table.slice(rows)

@@ -138,7 +138,9 @@ def _merge_top_k(best_s: np.ndarray, best_i: np.ndarray, scores: np.ndarray, bas
         top = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
         cand_s, cand_i = np.take_along_axis(scores, top, axis=1), top + base
     else:  # later ones: the few scores above the k-th best, padded into [Q, max count]
-        rows, cols = np.nonzero(above)
+        hit = np.flatnonzero(counts)  # most queries have none: look for the columns in the others' rows only
+        rows, cols = np.nonzero(above[hit])
+        rows = hit[rows]
         slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
         cand_s = np.full((len(scores), max(int(counts.max()), 1)), -np.inf, dtype=np.float32)
         cand_i = np.full(cand_s.shape, -1, dtype=np.int64)

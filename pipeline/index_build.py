@@ -61,10 +61,15 @@ def _top_k_task(embeddings_uri: str, queries: np.ndarray, k: int, start: int, st
 
 
 def exact_neighbours(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a table: one Ray task per run of
-    whole files holding at least EXACT_TASK_ROWS rows (the last run may hold fewer); each task reads only
-    its files, and their top-k lists are merged here. On one machine the scan is bound by the disk; on a
-    cluster the tasks read in parallel."""
+    """Item ids [Q, k] of the exact inner-product top-k of `queries` over a table (see exact_top_k_tasks)."""
+    return merge_top_k(ray.get(exact_top_k_tasks(embeddings_uri, queries, k)), k)
+
+
+def exact_top_k_tasks(embeddings_uri: str, queries: np.ndarray, k: int) -> list[ray.ObjectRef]:
+    """Start the exact top-k of `queries` over a table: one Ray task per run of whole files holding at least
+    EXACT_TASK_ROWS rows (the last run may hold fewer), each reading only its files; `merge_top_k` of their
+    results, in order, gives the item ids. On one machine the scan is bound by the disk; on a cluster the
+    tasks read in parallel."""
     queries_ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
     bounds, rows = [0], 0
     for n in file_rows(embeddings_uri):
@@ -73,8 +78,7 @@ def exact_neighbours(embeddings_uri: str, queries: np.ndarray, k: int) -> np.nda
             bounds.append(rows)
     if rows > bounds[-1] or len(bounds) == 1:
         bounds.append(rows)
-    refs = [_top_k_task.remote(embeddings_uri, queries_ref, k, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-    return merge_top_k(ray.get(refs), k)
+    return [_top_k_task.remote(embeddings_uri, queries_ref, k, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 @ray.remote(num_cpus=1)

@@ -36,8 +36,8 @@ from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
 from pipeline.catalog import ID_BUCKET_ROWS, id_bucket
-from pipeline.embedding_scan import gather, read_vectors
-from pipeline.index_build import IndexBuildConfig, build_index, exact_neighbours
+from pipeline.embedding_scan import gather, merge_top_k, read_vectors
+from pipeline.index_build import IndexBuildConfig, build_index, exact_top_k_tasks
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,12 @@ def update_index(previous_uri: str, embeddings_uri: str, out_uri: str, config: I
         timings["update_s"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        index = ix.ShardedIndex.open(stage, shards, previous["dim"], previous["spec"], previous["search_params"])
         queries, query_ids = _queries(new_ids, new_vectors, embeddings_uri, changes, config)
         k1 = tuning.RECALL_K + 1
-        truth = exact_neighbours(embeddings_uri, queries, k1)
+        truth = exact_top_k_tasks(embeddings_uri, queries, k1)  # the exact scan runs while the index opens here
+        index = ix.ShardedIndex.open(stage, shards, previous["dim"], previous["spec"], previous["search_params"])
         _, found = index.search(queries, k1)
-        recall = tuning.measure_recall(found, truth, exclude=query_ids)
+        recall = tuning.measure_recall(found, merge_top_k(ray.get(truth), k1), exclude=query_ids)
         timings["recall_s"] = time.perf_counter() - step
         if recall < config.min_recall:
             raise CannotUpdate(f"the updated index reaches recall@{tuning.RECALL_K} {recall:.4f} on {len(queries)} "

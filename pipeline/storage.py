@@ -261,6 +261,17 @@ def staging(final_uri: str, run_id: str | None = None) -> Iterator[str]:
 # --- the embedding column -------------------------------------------------------------------------
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """pyarrow Parquet write options for a table of `schema`: its vector columns (fixed_size_list) PLAIN and
+    uncompressed (float vectors neither dictionary-encode nor compress, and decoding them is what every scan
+    of an embedding table pays), the other columns dictionary-encoded and snappy, pyarrow's defaults."""
+    vectors = {f.name for f in schema if pa.types.is_fixed_size_list(f.type)}
+    if not vectors:
+        return {}
+    return {"use_dictionary": [f.name for f in schema if f.name not in vectors],
+            "compression": {f.name: "none" if f.name in vectors else "snappy" for f in schema}}
+
+
 def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """[N, D] float32 -> a plain Arrow `fixed_size_list<float32>[D]` (not Ray's tensor extension)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)

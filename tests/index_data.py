@@ -67,5 +67,5 @@ def write_embedding_table(uri: str, ids: np.ndarray, vectors: np.ndarray, n_file
             )
             fs, path = storage.get_fs(storage.join(stage, f"part-{f:05d}.parquet"))
             with fs.open(path, "wb") as fh:
-                pq.write_table(table, fh)
+                pq.write_table(table, fh, **storage.parquet_options(table.schema))
         storage.publish(stage, uri, {"model_version": "test-model-v1", "dim": d, "model_dir": "/models/test", "rows": n})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -122,6 +123,16 @@ def test_output_reads_back_with_pyarrow_pandas_duckdb(embedded) -> None:
         f"FROM read_parquet('{out}/*.parquet')"
     ).fetchall()[0]
     assert (n, dim, n_ids) == (manifest["embedded"], 32, manifest["embedded"]) and modalities == 3
+
+
+def test_vectors_are_stored_plain_and_uncompressed(embedded) -> None:
+    out, _ = embedded
+    for path in glob.glob(f"{out}/*.parquet"):
+        meta = pq.ParquetFile(path).metadata
+        columns = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c) for c in range(meta.num_columns)}
+        vectors = columns["embedding.list.element"]
+        assert vectors.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in vectors.encodings, path
+        assert columns["item_id"].compression == "SNAPPY"
 
 
 def test_incremental_reencodes_only_changed_rows(embedded, catalog, tiny_model_dir, tmp_path) -> None:
