@@ -33,6 +33,16 @@ def _id_rank(item_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
 
 
+def lowest_hash_ids(catalog_uri: str, id_column: str, k: int) -> list[str]:
+    """The `k` distinct ids of a catalog whose hash is lowest, in hash order, streamed batch by batch (held:
+    one batch and k ids)."""
+    lowest: list[str] = []
+    for batch in open_dataset(catalog_uri).to_batches(columns=[id_column]):
+        ids = id_as_string(batch.column(0)).drop_null().to_pylist()
+        lowest = heapq.nsmallest(k, set(ids).union(lowest), key=_id_rank)
+    return lowest
+
+
 def modality_counts(embeddings_uri: str) -> dict[str, int]:
     """Rows of the whole embedding table (new and carried over) by the inputs they were embedded from."""
     counts = pc.value_counts(open_dataset(embeddings_uri).to_table(columns=["modalities"]).column("modalities"))
@@ -43,9 +53,7 @@ def modality_balance(catalog_uri: str, columns: ColumnMap, model_dir: str, embed
                      n: int = SAMPLE_ROWS) -> dict[str, Any]:
     """Counts by modality and the blanking movement on the fixed sample (see the module docstring)."""
     dataset = open_dataset(catalog_uri)
-    ids = id_as_string(dataset.to_table(columns=[columns.item_id]).column(columns.item_id)).drop_null().to_pylist()
-    # a few times n candidates, since some lack a title or a usable photo
-    candidates = heapq.nsmallest(4 * n, set(ids), key=_id_rank)
+    candidates = lowest_hash_ids(catalog_uri, columns.item_id, 4 * n)  # some lack a title or a usable photo
     image_col = columns.image if columns.image in dataset.schema.names else None
     result: dict[str, Any] = {"counts": modality_counts(embeddings_uri), "sample": 0}
     if image_col is None or not candidates:  # image_uri catalogs: counts only (no bulk fetch here)

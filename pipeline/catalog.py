@@ -184,24 +184,12 @@ def read_labels(uri: str, columns: ColumnMap) -> "pd.DataFrame":
     return frame[frame["item_id"].notna()].drop_duplicates("item_id", keep="first").reset_index(drop=True)
 
 
-ID_BUCKET_ROWS = 2_000_000  # ids per task of a pass over the ids split by `id_bucket`
-
-
-def duplicate_ids(uri: str, columns: ColumnMap, bucket: int = 0, n_buckets: int = 1) -> tuple[set[str], int]:
-    """The cheap global pass: read only the id column; return (ids that occur more than once, rows).
-
-    With `n_buckets` > 1 only the ids whose `id_bucket` is `bucket` are counted, so that the embed job can
-    split the pass over tasks and no process holds every id; `rows` is still every row read.
-    """
-    kept: list[pa.Array] = []
-    rows = 0
-    for batch in open_dataset(uri).to_batches(columns=[columns.item_id]):
-        ids = id_as_string(batch.column(0))
-        rows += len(ids)
-        kept.append(ids if n_buckets == 1 else ids.filter(pa.array(id_bucket(ids, n_buckets) == bucket)))
-    counts = pc.value_counts(pa.chunked_array(kept, pa.string()).drop_null())
-    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    return set(dup.to_pylist()), rows
+def duplicate_ids(*parts: pa.Table) -> set[str]:
+    """Ids that occur more than once in the first column of `parts` (string ids, nulls dropped): the reduce
+    step of the embed job's duplicate-id pass, one part of the id shuffle (pipeline/id_shuffle.py) per task."""
+    ids = pa.chunked_array([c for t in parts for c in t.column(0).chunks], pa.string())
+    counts = pc.value_counts(ids.drop_null())
+    return set(pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist())
 
 
 def id_bucket(ids: pa.Array, n_buckets: int) -> np.ndarray:

@@ -17,8 +17,8 @@ Ray: each is a plain class called on a dict (or Arrow table) batch, testable wit
 (batch size, actor pool size, GPUs per actor, torch threads) are arguments; `ray.init` is the caller's
 business.
 
-Duplicate ids need a global view: a cheap pass over the id column (ids only, split over tasks by a hash of
-the id) finds them before the heavy stages. Rows with a duplicated id are taken out of the streaming read
+Duplicate ids need a global view: a cheap pass over the id column (ids only, shuffled over tasks by a hash
+of the id: pipeline/id_shuffle.py) finds them before the heavy stages. Rows with a duplicated id are taken out of the streaming read
 and handled from a small driver-side table: the first occurrence (sorted file order, then row order) is
 embedded, every later one rejected.
 """
@@ -41,8 +41,9 @@ import pyarrow.parquet as pq
 from item_model import read_model_version
 
 from . import storage
-from .catalog import ID_BUCKET_ROWS, ColumnMap, arrow_filesystem, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
+from .catalog import ColumnMap, arrow_filesystem, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
 from .encode import Encoder
+from .id_shuffle import id_parts
 from .progress import Progress
 from .rows import OK, PREVIOUS, PREVIOUS_HASH, REJECT, UNCHANGED, Preprocess
 
@@ -242,11 +243,9 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     storage.check_can_publish(out_uri, options.overwrite)
     _, needed = validate_schema(catalog_uri, columns)
     model_version = read_model_version(storage.local_dir(model_dir))  # s3://: fetched once per machine
-    # one task per ID_BUCKET_ROWS ids, each counting the ids of its hash bucket: no process holds every id
-    buckets = max(1, -(-open_dataset(catalog_uri).count_rows() // ID_BUCKET_ROWS))
-    found = ray.get([ray.remote(duplicate_ids).options(num_cpus=1).remote(catalog_uri, columns, b, buckets)
-                     for b in range(buckets)])
-    dup, rows_in = set().union(*(d for d, _ in found)), found[0][1]
+    # the ids shuffled by a hash into parts of ~ID_BUCKET_ROWS, one task counting each: no process holds every id
+    parts, rows_in = id_parts(catalog_uri, [columns.item_id], columns.item_id)
+    dup = set().union(*ray.get([ray.remote(duplicate_ids).options(num_cpus=1).remote(*part) for part in parts]))
     previous = _previous_rows(options.previous, model_version, columns.item_id) if options.previous else None
     winners, dup_rejects = _split_duplicates(catalog_uri, columns, needed, dup) if dup else (None, None)
     timings["validate_s"] = time.perf_counter() - wall_start

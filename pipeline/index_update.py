@@ -29,14 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 import ray
 
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
-from pipeline.catalog import ID_BUCKET_ROWS, id_bucket
 from pipeline.embedding_scan import gather, merge_top_k, read_vectors
+from pipeline.id_shuffle import id_parts, n_parts
 from pipeline.index_build import IndexBuildConfig, build_index, exact_top_k_tasks
 
 log = logging.getLogger(__name__)
@@ -65,26 +64,12 @@ class Changes:
         return len(self.added) + len(self.edited) + len(self.deleted)
 
 
-def _keys(uri: str, bucket: int, n_buckets: int) -> pa.Table:
-    """(item_id, content_hash, model_version) of a table's rows whose `id_bucket` is `bucket` (read batch by
-    batch, keeping the bucket's rows; with one bucket, one read of every row)."""
-    fs, _ = storage.get_fs(uri)
-    dataset = pds.dataset(storage.parquet_files(uri), filesystem=fs, format="parquet")
-    schema = pa.schema([("item_id", pa.string()), ("content_hash", pa.string()), ("model_version", pa.string())])
-    if n_buckets == 1:  # every id: one multi-threaded read
-        return dataset.to_table(columns=schema.names).cast(schema)
-    kept = []
-    for batch in dataset.to_batches(columns=schema.names):
-        table = pa.Table.from_batches([batch]).cast(schema)
-        kept.append(table.filter(pa.array(id_bucket(table.column("item_id").combine_chunks(), n_buckets) == bucket)))
-    return pa.concat_tables([schema.empty_table(), *kept])
+KEYS = pa.schema([("item_id", pa.string()), ("content_hash", pa.string()), ("model_version", pa.string())])
 
 
-def table_changes(previous_uri: str, current_uri: str, bucket: int = 0, n_buckets: int = 1) -> Changes:
-    """Added, edited and deleted item ids between two published embedding tables (a join on item_id);
-    with `n_buckets` > 1, of the ids in `bucket` only (`n_current`: that bucket's rows of the new table)."""
-    old = _keys(previous_uri, bucket, n_buckets)
-    new = _keys(current_uri, bucket, n_buckets)
+def table_changes(old: pa.Table, new: pa.Table) -> Changes:
+    """Added, edited and deleted item ids between the keys (KEYS) of two embedding tables, a join on item_id
+    (`n_current`: the rows of `new`)."""
     old = old.append_column("in_old", pa.array(np.ones(len(old), dtype=bool)))
     new = new.append_column("in_new", pa.array(np.ones(len(new), dtype=bool)))
     both = new.join(old, "item_id", join_type="full outer", right_suffix="_old")
@@ -101,13 +86,24 @@ def table_changes(previous_uri: str, current_uri: str, bucket: int = 0, n_bucket
 
 
 def changes_by_task(previous_uri: str, current_uri: str, n_rows: int) -> Changes:
-    """`table_changes` split over Ray tasks by a hash of the id (one per ID_BUCKET_ROWS rows), so that no
-    process holds every id; the driver gets the changed ids only."""
-    n_buckets = max(1, -(-n_rows // ID_BUCKET_ROWS))
-    task = ray.remote(table_changes).options(num_cpus=1)
-    parts = ray.get([task.remote(previous_uri, current_uri, b, n_buckets) for b in range(n_buckets)])
-    return Changes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("added", "edited", "deleted")),
-                   n_current=sum(p.n_current for p in parts))
+    """`table_changes` of two published tables over Ray tasks: both tables' keys shuffled by a hash of the id
+    (pipeline/id_shuffle.py, one part per ID_BUCKET_ROWS of `n_rows`), one task per part joins its ids of
+    both; no process holds every id, and the driver gets the changed ids only."""
+    parts = n_parts(n_rows)
+    old, _ = id_parts(previous_uri, KEYS.names, "item_id", parts)
+    new, _ = id_parts(current_uri, KEYS.names, "item_id", parts)
+    task = ray.remote(_part_changes).options(num_cpus=1)
+    found = ray.get([task.remote(len(o), *o, *n) for o, n in zip(old, new)])
+    return Changes(*(np.concatenate([getattr(p, f) for p in found]) for f in ("added", "edited", "deleted")),
+                   n_current=sum(p.n_current for p in found))
+
+
+def _part_changes(n_old: int, *tables: pa.Table) -> Changes:
+    """The changes among one part's ids: the first `n_old` tables are the previous table's."""
+    def keys(parts: tuple[pa.Table, ...]) -> pa.Table:
+        return pa.concat_tables([KEYS.empty_table(), *(t.cast(KEYS) for t in parts)])
+
+    return table_changes(keys(tables[:n_old]), keys(tables[n_old:]))
 
 
 @ray.remote(num_cpus=1)

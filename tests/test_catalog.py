@@ -9,8 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
+from pipeline import id_shuffle
 from pipeline.catalog import CatalogSchemaError, ColumnMap, content_hash, duplicate_ids, id_bucket, validate_schema
+from pipeline.id_shuffle import id_parts
 
 
 def _write(path, **columns) -> str:
@@ -60,15 +63,22 @@ def test_validate_schema_image_uri_catalog(tmp_path) -> None:
     assert validate_schema(uri, ColumnMap())[1] == ["item_id", "title", "image_uri"]
 
 
-def test_duplicate_ids_over_a_directory(tmp_path) -> None:
+def test_duplicate_ids_over_a_directory_in_one_part_or_several(tmp_path, ray_local, monkeypatch) -> None:
     (tmp_path / "cat").mkdir()
     _write(tmp_path / "cat" / "part-0.parquet", item_id=["a", "b", None], title=["", "", ""])
     _write(tmp_path / "cat" / "part-1.parquet", item_id=["b", "c", None], title=["", "", ""])
-    dup, rows = duplicate_ids(str(tmp_path / "cat"), ColumnMap())
-    assert dup == {"b"} and rows == 6  # nulls are not duplicates of each other: they are null_id rejects
-    # split by a hash of the id, as the embed job runs it: each bucket finds its own, together the same
-    split = [duplicate_ids(str(tmp_path / "cat"), ColumnMap(), bucket, 3) for bucket in range(3)]
-    assert set().union(*(d for d, _ in split)) == {"b"} and [r for _, r in split] == [6, 6, 6]
+    uri = str(tmp_path / "cat")
+    parts, rows = id_parts(uri, ["item_id"], "item_id")
+    assert len(parts) == 1 and len(parts[0]) == 1 and rows == 6
+    assert duplicate_ids(*ray.get(parts[0])) == {"b"}  # nulls are not duplicates of each other: they are null_id rejects
+    # shuffled by a hash of the id over 3 parts, from 2 map tasks (one file each), as a big catalog runs:
+    # every id in exactly one part, both rows of "b" in the same one
+    monkeypatch.setattr(id_shuffle, "ID_BUCKET_ROWS", 3)
+    parts, rows = id_parts(uri, ["item_id"], "item_id", 3)
+    assert rows == 6 and [len(p) for p in parts] == [2, 2, 2]
+    found = [pa.concat_tables(ray.get(p)).column(0).to_pylist() for p in parts]
+    assert sorted(i for f in found for i in f) == ["a", "b", "b", "c"]
+    assert sum("b" in f for f in found) == 1 and set().union(*(duplicate_ids(*ray.get(p)) for p in parts)) == {"b"}
     ids = pa.array([f"id-{i}" for i in range(1000)])
     buckets = id_bucket(ids, 3)
     assert set(buckets.tolist()) == {0, 1, 2}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import storage
+from pipeline import id_shuffle, storage
 from pipeline.embedding_scan import exact_neighbours_streamed
 from pipeline.index import ShardedIndex
 from pipeline.index_build import IndexBuildConfig
 from pipeline.index_tuning import measure_recall
-from pipeline.index_update import build_or_update, table_changes
+from pipeline.index_update import build_or_update, changes_by_task
 from tests.index_data import make_catalog, write_embedding_table
 
 
@@ -54,21 +54,20 @@ class Week:
 CONFIG = IndexBuildConfig(n_shards=3, spec="IVF32,Flat", min_recall=0.9, n_eval_queries=300, n_tune_queries=200)
 
 
-def test_table_changes_finds_adds_edits_and_deletes(tmp_path):
+def test_table_changes_finds_adds_edits_and_deletes(tmp_path, ray_local, monkeypatch):
     week = Week(n=200)
     before = week.write(str(tmp_path / "d0"))
     truth = week.night(1, adds=5, edits=4, deletes=3)
-    changes = table_changes(before, week.write(str(tmp_path / "d1")))
-    assert sorted(changes.added) == sorted(truth["added"])
-    assert sorted(changes.edited) == sorted(truth["edited"])
-    assert sorted(changes.deleted) == sorted(truth["deleted"])
-    assert changes.n_current == 200 + 5 - 3
-    # split by a hash of the id over tasks, as the update runs it: the same changes, each id in one bucket
-    parts = [table_changes(before, str(tmp_path / "d1"), bucket, 3) for bucket in range(3)]
-    for field in ("added", "edited", "deleted"):
-        found = np.concatenate([getattr(p, field) for p in parts])
-        assert sorted(found) == sorted(getattr(changes, field))
-    assert sum(p.n_current for p in parts) == changes.n_current and sum(bool(p.n_changed) for p in parts) >= 2
+    after = week.write(str(tmp_path / "d1"))
+    # one part (the whole tables' ids in one task), then shuffled over 3 parts from 2 map tasks per table
+    # (one file each): the same changes
+    for rows_per_part in (id_shuffle.ID_BUCKET_ROWS, 70):
+        monkeypatch.setattr(id_shuffle, "ID_BUCKET_ROWS", rows_per_part)
+        changes = changes_by_task(before, after, 200)
+        assert sorted(changes.added) == sorted(truth["added"])
+        assert sorted(changes.edited) == sorted(truth["edited"])
+        assert sorted(changes.deleted) == sorted(truth["deleted"])
+        assert changes.n_current == 200 + 5 - 3
 
 
 def test_a_week_of_nightly_changes_is_updated_in_place_and_stays_exact(tmp_path, ray_local):

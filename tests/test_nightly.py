@@ -335,6 +335,18 @@ def test_report_carries_the_modality_balance(day1):
     assert f"image share {b['image_share']:.3f}" in text and "title only" in text
 
 
+def test_the_balance_sample_is_the_lowest_hash_ids_streamed_over_batches(tmp_path):
+    import heapq
+
+    from pipeline.balance import _id_rank, lowest_hash_ids
+
+    ids = [f"id-{i}" for i in range(3000)]
+    (tmp_path / "cat").mkdir()
+    for f, part in enumerate((ids[:1500] + [None, "id-7"], ids[1500:] + ["id-7"])):  # a duplicate, a null
+        pq.write_table(pa.table({"item_id": part}), tmp_path / "cat" / f"part-{f}.parquet", row_group_size=200)
+    assert lowest_hash_ids(str(tmp_path / "cat"), "item_id", 40) == heapq.nsmallest(40, ids, key=_id_rank)
+
+
 def test_a_large_change_in_modality_balance_is_flagged():
     from pipeline.balance import compare_nights
 
