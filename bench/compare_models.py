@@ -11,7 +11,7 @@ Phases (each timed and printed):
             a group-preserving sample of --limit held-out rows only.
   train     one `pipeline.pretrain.pretrain` run per variant (item_model.config.VARIANTS), all from the same
             start (--init-from minilm), with the same rows, preset, steps, batch size, lr, warm-up and seed;
-            Ray is initialised once here (local, 1 Ray Train worker, CPU). Model dirs land in
+            Ray is initialised once here (local, 1 Ray Train worker, CPU; one GPU with --gpu). Model dirs land in
             OUT/models/<variant>; a variant whose model dir is already published at the same settings is
             not trained again (re-running the command after a crash resumes where it stopped; other
             settings fail loudly).
@@ -32,7 +32,12 @@ centre). 300 steps x 64 rows = 19,200 samples (two thirds of an epoch of the 28k
 takes ~9 min for item and ~15 min for item_contrastive. Evaluation embeds 3 x limit + 9 x relistings
 rows per model at ~170 rows/s: `--limit 4000 --relistings 300` is ~90 s per model.
 
-The defaults below are that budget; on a GPU or a bigger machine raise --steps and --limit.
+The defaults below are that budget; on a GPU or a bigger machine raise --steps and --limit. With --gpu
+the Ray Train worker trains on one GPU and the trained models embed on it for the evaluation (the
+references stay on the CPU), e.g. 10x the image budget:
+
+    python bench/compare_models.py ../shared/data/fashion-dev.parquet --out /tmp/compare-gpu --gpu \
+        --steps 3000 --batch-size 64 --variants item_contrastive --same-weights item_contrastive
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-col", default="dup_group", help="Duplicate-group column of the catalog.")
     p.add_argument("--label-col", default="articleType", help="Leaf category column of the catalog.")
     p.add_argument("--seed", type=int, default=0, help="Seeds model init, masking, the subsets and the queries.")
+    p.add_argument("--gpu", action="store_true", help="Pretrain on one GPU and embed the trained models on it.")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.same_weights = [v for v in args.same_weights.split(",") if v]
@@ -138,7 +144,7 @@ def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
             preset=args.preset, variant=variant, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             init_from=None if args.init_from == "none" else args.init_from, fresh_lr_scale=args.fresh_lr_scale,
             warmup_steps=args.steps // 10, checkpoint_every=max(1, args.steps // 3), report_every=25,
-            num_workers=1, use_gpu=False, torch_threads=args.train_threads, seed=args.seed,
+            num_workers=1, use_gpu=args.gpu, torch_threads=args.train_threads, seed=args.seed,
             model_overrides=dict(args.overrides),
         )
         # an interrupted comparison resumes: a published dir at these settings is kept as it is
@@ -202,7 +208,7 @@ def spread_section(spread: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def same_weight_embedders(trained: dict[str, dict], variants: list[str]) -> dict:
+def same_weight_embedders(trained: dict[str, dict], variants: list[str], device: str = "cpu") -> dict:
     """Inference-time choices measured on the same weights, for each of `variants` that was trained: the
     other pooling ([CLS] vs mean), and the vectors without the fitted corpus centre."""
     from item_model import load_model_dir
@@ -216,11 +222,22 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str]) -> dict
             continue
         other = "mean" if model.config.pooling == "cls" else "cls"
         model.config.pooling = other
-        out[f"{variant} ({other} pooling)"] = loaded_model_embedder(Encoder.of(model), processor)
+        out[f"{variant} ({other} pooling)"] = loaded_model_embedder(Encoder.of(model, device), processor)
         model, processor = load_model_dir(trained[variant]["dir"])
         model.embedding_center.zero_()
-        out[f"{variant} (no centring)"] = loaded_model_embedder(Encoder.of(model), processor)
+        out[f"{variant} (no centring)"] = loaded_model_embedder(Encoder.of(model, device), processor)
     return out
+
+
+def check_device(gpu: bool) -> str:
+    """The torch device the trained models use: "cuda" with --gpu, failing before any work when torch sees
+    no CUDA device."""
+    import torch
+
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--gpu: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False); "
+                         "run without --gpu, or on a GPU machine with a CUDA build of torch")
+    return "cuda" if gpu else "cpu"
 
 
 def budget_note() -> str:
@@ -231,6 +248,7 @@ def budget_note() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    device = check_device(args.gpu)
     command = shlex.join(["python", "bench/compare_models.py", *(argv if argv is not None else sys.argv[1:])])
     report_dir = os.path.join(args.out, "report")
     if os.path.exists(report_dir):
@@ -264,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
                           seed=args.seed, knn_max_queries=args.knn_queries)
     titles = table.column(options.title_col).to_pylist()
     images = table.column(options.image_col).to_pylist()
-    embedders = {v: model_embedder(t["dir"], batch_size=64) for v, t in trained.items()}
-    embedders.update(same_weight_embedders(trained, args.same_weights))
+    embedders = {v: model_embedder(t["dir"], batch_size=64, device=device) for v, t in trained.items()}
+    embedders.update(same_weight_embedders(trained, args.same_weights, device))
     embedders.update(baseline_embedders([r for r in args.references.split(",") if r], titles))
     results = evaluate(table, embedders, options)
     phases["evaluate"] = time.perf_counter() - t0
@@ -277,8 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     results.info.update(catalog=args.catalog, command=command)
     staging = f"{report_dir}.tmp-{os.getpid()}"
     path = write_report(results, staging)
-    machine = (f"{os.cpu_count()} CPU cores, torch {torch.__version__}, torch threads in evaluation "
-               f"{torch.get_num_threads()}, no GPU" if not torch.cuda.is_available() else "GPU present (unused)")
+    machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, torch threads in evaluation {torch.get_num_threads()}, " + (
+        f"trained and embedded on {torch.cuda.get_device_name(0)}" if args.gpu
+        else "no GPU" if not torch.cuda.is_available() else "GPU present (unused: no --gpu)")
     phases["total"] = time.perf_counter() - t_all
     with open(path, "a") as f:
         f.write(training_section(trained, args, split))

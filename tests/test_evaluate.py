@@ -267,3 +267,12 @@ def test_cli_turns_bad_arguments_into_messages(catalog_path, tmp_path, args, mes
 def test_evaluate_command_has_help():
     result = CliRunner().invoke(main, ["evaluate", "--help"])
     assert result.exit_code == 0 and "Example" in result.output and "--group-col" in result.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: --gpu would start the comparison")
+def test_compare_models_gpu_without_a_gpu_fails_before_any_work(tmp_path):
+    from bench.compare_models import main as compare
+
+    with pytest.raises(SystemExit, match="--gpu: torch .* sees no CUDA device"):
+        compare([str(tmp_path / "catalog.parquet"), "--out", str(tmp_path / "run"), "--gpu"])
+    assert not (tmp_path / "run").exists()
