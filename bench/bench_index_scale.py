@@ -1,7 +1,12 @@
 """Does the index build's driver stay flat as the catalog grows? Peak RSS of the driver and of the Ray
-workers, build and all-pairs dedup time, at each of several sizes, in one run.
+workers, build and all-pairs dedup time (and with --backfill the category backfill's), at each of several
+sizes, in one run.
 
     PYTHONPATH=. python bench/bench_index_scale.py 256 1000000 4000000 --shards 4 --index IVF4096,SQ8 --work /tmp/bs
+
+With --backfill the write step also writes a catalog of (item_id, category): the category of a vector is
+the nearest of 50 random directions, 10% of them null; the backfill step reads its labels and fills the
+nulls as the nightly job does (pipeline/backfill.py).
 
 For each size: the generated table (bench_index.generate) is written by one process, then the build and
 the all-pairs top-10 dedup each run in a fresh process (`--step`), so that the driver's peak RSS is
@@ -22,6 +27,9 @@ import threading
 import time
 
 import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def _peak_worker_rss(stop: threading.Event, peak: list[float]) -> None:
@@ -43,13 +51,17 @@ def _peak_worker_rss(stop: threading.Event, peak: list[float]) -> None:
 
 def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory_budget: str, seed: int) -> dict:
     """One measured step in this (fresh) process; returns its figures."""
-    emb, idx = os.path.join(work, "embeddings"), os.path.join(work, "index")
+    emb, idx, catalog = os.path.join(work, "embeddings"), os.path.join(work, "index"), os.path.join(work, "catalog.parquet")
     if step == "write":
         from bench.bench_index import generate, write_table
 
         shutil.rmtree(work, ignore_errors=True)
         ids, vectors = generate(n, dim, seed)
         write_table(emb, ids, vectors)
+        rng = np.random.default_rng(seed)
+        category = np.argmax(vectors @ rng.standard_normal((dim, 50)).astype(np.float32), axis=1)
+        labels = np.where(rng.random(n) < 0.1, None, np.char.add("cat-", category.astype(str)).astype(object))
+        pq.write_table(pa.table({"item_id": ids.tolist(), "category": pa.array(labels.tolist(), pa.string())}), catalog)
         return {}
     import ray
 
@@ -64,10 +76,16 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
 
         manifest = build_index(emb, idx, IndexBuildConfig(n_shards=shards, spec=spec, memory_budget_bytes=parse_bytes(memory_budget), seed=seed))
         out = {"spec": manifest["spec"], "recall": manifest["recall_at_10"], "timings": manifest["timings"]}
-    else:
+    elif step == "dedup":
         from pipeline.dedup import find_duplicate_pairs
 
         out = {"pairs": len(find_duplicate_pairs(idx, emb, k=10, threshold=0.95, num_actors=1, threads_per_actor=2))}
+    else:  # backfill, as jobs/nightly.py runs it: the catalog's labels, then backfill_categories
+        from pipeline.backfill import backfill_categories
+        from pipeline.catalog import ColumnMap, read_labels
+
+        _, report = backfill_categories(idx, emb, read_labels(catalog, ColumnMap()), k=10, min_confidence=0.5)
+        out = {"unlabelled": report["n_unlabelled"], "filled": report["n_filled"], "loo_accuracy": report["leave_one_out"]["accuracy"]}
     out["seconds"] = time.perf_counter() - start
     stop.set()
     sampler.join()
@@ -85,8 +103,9 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
 @click.option("--work", default="bench-output/index-scale", show_default=True, help="Scratch directory (deleted first).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dedup/--no-dedup", default=True, show_default=True, help="Also time the all-pairs dedup.")
-@click.option("--step", type=click.Choice(["write", "build", "dedup"]), hidden=True, help="Run one step here (internal).")
-def main(dim, sizes, shards, spec, memory_budget, work, seed, dedup, step):
+@click.option("--backfill/--no-backfill", default=False, show_default=True, help="Also time the category backfill.")
+@click.option("--step", type=click.Choice(["write", "build", "dedup", "backfill"]), hidden=True, help="Run one step here (internal).")
+def main(dim, sizes, shards, spec, memory_budget, work, seed, dedup, backfill, step):
     """Run the benchmark and print a Markdown table."""
     if step:
         print(json.dumps(_step(step, dim, sizes[0], work, shards, spec, memory_budget, seed)))
@@ -94,7 +113,7 @@ def main(dim, sizes, shards, spec, memory_budget, work, seed, dedup, step):
     rows = []
     for n in sizes:
         figures = {}
-        for s in ("write", "build", "dedup")[: 3 if dedup else 2]:
+        for s in ["write", "build"] + ["dedup"] * dedup + ["backfill"] * backfill:
             cmd = [sys.executable, __file__, str(dim), str(n), "--shards", str(shards), "--index", spec, "--memory-budget", memory_budget,
                    "--work", os.path.join(work, str(n)), "--seed", str(seed), "--step", s]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -109,11 +128,20 @@ def main(dim, sizes, shards, spec, memory_budget, work, seed, dedup, step):
         b, d = f["build"], f.get("dedup")
         dd = f"{d['seconds']:.1f} | {d['driver_gib']:.2f} | {d['worker_gib']:.2f} | {d['pairs']:,}" if d else "- | - | - | -"
         print(f"| {n:,} | `{b['spec']}` | {b['seconds']:.1f} | {b['driver_gib']:.2f} | {b['worker_gib']:.2f} | {b['recall']:.4f} | {dd} |")
+    if backfill:
+        print("\n| vectors | unlabelled | filled | leave-one-out accuracy | backfill s | backfill driver peak RSS GiB | backfill worker peak RSS GiB |")
+        print("|---|---|---|---|---|---|---|")
+        for n, f in rows:
+            b = f["backfill"]
+            print(f"| {n:,} | {b['unlabelled']:,} | {b['filled']:,} | {b['loo_accuracy']:.3f} | {b['seconds']:.1f} | "
+                  f"{b['driver_gib']:.2f} | {b['worker_gib']:.2f} |")
     (n0, f0), (n1, f1) = rows[0], rows[-1]
     print(f"\n{n1 / n0:.0f}x the vectors: build driver RSS x{f1['build']['driver_gib'] / f0['build']['driver_gib']:.2f}, "
           f"build time x{f1['build']['seconds'] / f0['build']['seconds']:.2f}"
           + (f", all-pairs time x{f1['dedup']['seconds'] / f0['dedup']['seconds']:.2f}, all-pairs driver RSS "
-             f"x{f1['dedup']['driver_gib'] / f0['dedup']['driver_gib']:.2f}" if dedup else ""))
+             f"x{f1['dedup']['driver_gib'] / f0['dedup']['driver_gib']:.2f}" if dedup else "")
+          + (f", backfill time x{f1['backfill']['seconds'] / f0['backfill']['seconds']:.2f}, backfill driver RSS "
+             f"x{f1['backfill']['driver_gib'] / f0['backfill']['driver_gib']:.2f}" if backfill else ""))
 
 
 if __name__ == "__main__":
