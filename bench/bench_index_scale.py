@@ -6,7 +6,7 @@ sizes, in one run.
 
 With --backfill the write step also writes a catalog of (item_id, category): the category of a vector is
 the nearest of 50 random directions, 10% of them null; the backfill step reads its labels and fills the
-nulls as the nightly job does (pipeline/backfill.py).
+nulls as the nightly job does (pipeline/backfill.py: `run_backfill`, whose task holds the labels and the index).
 
 For each size: the generated table (bench_index.generate) is written by one process, then the build and
 the all-pairs top-10 dedup each run in a fresh process (`--step`), so that the driver's peak RSS is
@@ -80,11 +80,10 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
         from pipeline.dedup import find_duplicate_pairs
 
         out = {"pairs": len(find_duplicate_pairs(idx, emb, k=10, threshold=0.95, num_actors=1, threads_per_actor=2))}
-    else:  # backfill, as jobs/nightly.py runs it: the catalog's labels, then backfill_categories
-        from pipeline.backfill import backfill_categories
-        from pipeline.catalog import ColumnMap, read_labels
+    else:  # backfill, as jobs/nightly.py runs it
+        from pipeline.backfill import run_backfill
 
-        _, report = backfill_categories(idx, emb, read_labels(catalog, ColumnMap()), k=10, min_confidence=0.5)
+        report = run_backfill(idx, emb, catalog, os.path.join(work, "backfill"), k=10, min_confidence=0.5, overwrite=True)
         out = {"unlabelled": report["n_unlabelled"], "filled": report["n_filled"], "loo_accuracy": report["leave_one_out"]["accuracy"]}
     out["seconds"] = time.perf_counter() - start
     stop.set()

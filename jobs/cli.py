@@ -368,18 +368,16 @@ def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, 
 
     Example: item-pipeline backfill-categories runs/index runs/emb catalog.parquet runs/backfill --min-confidence 0.7 --plot
     """
-    from pipeline import backfill as bf
-    from pipeline import storage
-    from pipeline.catalog import ColumnMap, read_labels
+    from pipeline.backfill import run_backfill
+    from pipeline.catalog import ColumnMap
 
     try:
-        storage.check_can_publish(out, overwrite)
         columns = ColumnMap.parse(column_map)
         if category_col:
             columns = dataclasses.replace(columns, category=category_col)
-        labels = read_labels(catalog, columns)
-        rows, report = bf.backfill_categories(index, embeddings, labels, k, min_confidence, eval_sample)
-        bf.write_backfill(out, rows, report, overwrite=overwrite, plot=plot)
+        _init_ray()
+        report = run_backfill(index, embeddings, catalog, out, columns, k, min_confidence, eval_sample,
+                              overwrite=overwrite, plot=plot)
     except USER_ERRORS as e:
         raise _fail(e) from e
     click.echo(f"published {out}: {report['n_filled']} filled, {report['n_unfilled']} left unfilled (confidence < {min_confidence}), "

@@ -118,13 +118,10 @@ def _stage_dedup(config: NightlyConfig, index: str, embeddings: str, out: str) -
 
 
 def _stage_backfill(config: NightlyConfig, index: str, embeddings: str, out: str) -> dict:
-    from pipeline import backfill as bf
-    from pipeline.catalog import read_labels
+    from pipeline.backfill import run_backfill
 
     b = config.backfill
-    labels = read_labels(config.catalog, config.columns)
-    rows, report = bf.backfill_categories(index, embeddings, labels, b.k, b.min_confidence)
-    return bf.write_backfill(out, rows, report, plot=True)
+    return run_backfill(index, embeddings, config.catalog, out, config.columns, b.k, b.min_confidence, plot=True)
 
 
 def run_nightly(config: NightlyConfig, run_date: dt.date) -> dict[str, Any]:

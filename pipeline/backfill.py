@@ -7,6 +7,7 @@ predicted_category is null where confidence < min_confidence (left unfilled and 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import BinaryIO
 
@@ -14,9 +15,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from pipeline import storage
-from pipeline.index import ShardedIndex, read_embedding_table
+from pipeline.catalog import ColumnMap, check_label_columns, read_labels
+from pipeline.embedding_scan import read_vectors
+from pipeline.index import ShardedIndex
 
 SEARCH_BATCH = 8192  # queries per FAISS call: large enough for BLAS, small enough to bound memory
 CURVE_THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
@@ -142,7 +146,8 @@ def backfill_categories(
     index = ShardedIndex.load(index_uri)
     labels = pd.Series(catalog["category"].to_numpy(dtype=object), index=catalog["item_id"])
     unknown = catalog.loc[catalog["category"].isna(), "item_id"].to_numpy(dtype=object)
-    ids, vectors, _ = read_embedding_table(embeddings_uri, item_ids=unknown)
+    dim = storage.read_manifest(embeddings_uri)["dim"]
+    ids, vectors = read_vectors(embeddings_uri, unknown, dim)  # streamed: only these rows are held
     pred, conf, n = predict(index, ids, vectors, labels, k)
     filled = conf >= min_confidence
     rows = pd.DataFrame(
@@ -164,9 +169,46 @@ def backfill_categories(
     labelled = catalog.loc[catalog["category"].notna(), "item_id"].to_numpy(dtype=object)
     if eval_sample > 0 and len(labelled):
         sample = np.random.default_rng(seed).permutation(labelled)[:eval_sample]
-        s_ids, s_vectors, _ = read_embedding_table(embeddings_uri, item_ids=sample)
+        s_ids, s_vectors = read_vectors(embeddings_uri, sample, dim)
         report["leave_one_out"] = leave_one_out_eval(index, s_ids, s_vectors, labels, k)
     return rows, report
+
+
+def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri: str, columns: ColumnMap | None = None,
+                 k: int = 10, min_confidence: float = 0.5, eval_sample: int = 20_000, seed: int = 0,
+                 overwrite: bool = False, plot: bool = False) -> dict:
+    """The backfill job: predict the null categories of the catalog at `catalog_uri` from the index and the
+    embedding table, publish them at `out_uri` (write_backfill); returns the manifest.
+
+    What grows with the catalog (its labels, the whole index, the unlabelled rows and their votes) is held
+    by one Ray task, not by the driver: on a cluster that task runs on a worker node with the memory for
+    the index, as a dedup actor does. Fails before the task starts, naming the fix, when the output is
+    already published, an input is not, or the catalog lacks its id or category column. Needs Ray
+    initialised by the caller."""
+    columns = columns or ColumnMap()
+    storage.check_can_publish(out_uri, overwrite)
+    storage.read_manifest(index_uri)
+    storage.read_manifest(embeddings_uri)
+    check_label_columns(catalog_uri, columns)
+    threads = int(ray.available_resources().get("CPU", os.cpu_count() or 1))  # FAISS's threads in the task
+    task = ray.remote(_backfill_task).options(num_cpus=1)
+    try:
+        manifest = ray.get(task.remote(index_uri, embeddings_uri, catalog_uri, out_uri, columns, k, min_confidence,
+                                       eval_sample, seed, overwrite, plot, threads))
+    except ray.exceptions.RayTaskError as e:  # the task's own error, not Ray's wrapper and remote traceback
+        raise e.cause from None
+    storage.forget_listings(out_uri)  # the task published it: this process's client listed it before
+    return manifest
+
+
+def _backfill_task(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri: str, columns: ColumnMap, k: int,
+                   min_confidence: float, eval_sample: int, seed: int, overwrite: bool, plot: bool, threads: int) -> dict:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    rows, report = backfill_categories(index_uri, embeddings_uri, read_labels(catalog_uri, columns), k,
+                                       min_confidence, eval_sample, seed)
+    return write_backfill(out_uri, rows, report, overwrite=overwrite, plot=plot)
 
 
 def write_backfill(out_uri: str, rows: pd.DataFrame, report: dict, overwrite: bool = False, plot: bool = False) -> dict:

@@ -160,6 +160,18 @@ def id_as_string(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return ids if _is_string(ids.type) else pc.cast(ids, pa.string())
 
 
+def check_label_columns(uri: str, columns: ColumnMap) -> pds.Dataset:
+    """The catalog's dataset, once its id and category columns are found (CatalogSchemaError naming the
+    missing one and the fix otherwise); reads the footers only."""
+    dataset = open_dataset(uri)
+    have = dataset.schema.names
+    for role in ("item_id", "category"):
+        if getattr(columns, role) not in have:
+            raise CatalogSchemaError(f"column {getattr(columns, role)!r} ({role}) is missing; the catalog has "
+                                     f"{have}; map yours with --column-map {role}=NAME")
+    return dataset
+
+
 def read_labels(uri: str, columns: ColumnMap) -> "pd.DataFrame":
     """The label columns of a catalog, one row per item the embed stage keeps: `item_id` (the same string
     form as in every output), `category` (null = unknown) and, where the catalog has them, `group_id` and
@@ -169,12 +181,8 @@ def read_labels(uri: str, columns: ColumnMap) -> "pd.DataFrame":
     Ids are cast to strings in Arrow, before pandas: an integer column with a null would otherwise
     become float and read '101.0' where the embedding table says '101'.
     """
-    dataset = open_dataset(uri)
+    dataset = check_label_columns(uri, columns)
     have = dataset.schema.names
-    for role in ("item_id", "category"):
-        if getattr(columns, role) not in have:
-            raise CatalogSchemaError(f"column {getattr(columns, role)!r} ({role}) is missing; the catalog has "
-                                     f"{have}; map yours with --column-map {role}=NAME")
     wanted = {"item_id": columns.item_id, "category": columns.category, "group_id": columns.group_id,
               "true_category": "true_category"}
     present = {role: name for role, name in wanted.items() if name in have}

@@ -237,6 +237,13 @@ def local_dir(uri: str, version_file: str = "model_version") -> str:
     return local
 
 
+def forget_listings(uri: str) -> None:
+    """Drop what this process's filesystem client has cached of the listings under `uri` (s3fs keeps them):
+    needed after another process (a Ray task) published there."""
+    fs, path = get_fs(uri)
+    fs.invalidate_cache(path)
+
+
 def remove(uri: str) -> None:
     """Delete a file or directory tree if it exists (staging leftovers)."""
     fs, path = get_fs(uri)

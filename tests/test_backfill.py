@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import faiss
 import numpy as np
 import pandas as pd
@@ -10,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import storage
-from pipeline.backfill import backfill_categories, predict, vote
+from pipeline.backfill import backfill_categories, predict, run_backfill, vote
+from pipeline.catalog import CatalogSchemaError
 from pipeline.index import IndexShard, ShardedIndex
 from jobs.cli import main
 
@@ -87,3 +90,20 @@ def test_backfill_cli_publishes_rows_report_and_plot(tmp_path, ivf_index_uri, em
 
     result = CliRunner().invoke(main, ["backfill-categories", ivf_index_uri, embeddings_uri, str(catalog_path), out])
     assert result.exit_code == 1 and "already published" in result.output
+
+
+def test_the_backfill_job_runs_in_a_task_and_publishes_what_the_function_predicts(
+        tmp_path, ray_local, ivf_index_uri, embeddings_uri, labelled_catalog):
+    catalog_path = str(tmp_path / "catalog.parquet")
+    labelled_catalog.to_parquet(catalog_path)
+    out = str(tmp_path / "backfill")
+    manifest = run_backfill(ivf_index_uri, embeddings_uri, catalog_path, out, k=10, min_confidence=0.6, eval_sample=0)
+    rows, report = backfill_categories(ivf_index_uri, embeddings_uri, labelled_catalog, k=10, min_confidence=0.6, eval_sample=0)
+    published = pq.read_table(storage.parquet_files(out)).to_pandas().sort_values("item_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(published, rows.sort_values("item_id").reset_index(drop=True))
+    assert (manifest["n_filled"], manifest["n_unfilled"]) == (report["n_filled"], report["n_unfilled"])
+    # a catalog without its category column fails in the driver, before the task, naming the fix
+    labelled_catalog.drop(columns=["category"]).to_parquet(tmp_path / "no-category.parquet")
+    with pytest.raises(CatalogSchemaError, match="category=NAME"):
+        run_backfill(ivf_index_uri, embeddings_uri, str(tmp_path / "no-category.parquet"), str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")
