@@ -18,9 +18,9 @@ Ray: each is a plain class called on a dict (or Arrow table) batch, testable wit
 business.
 
 Duplicate ids need a global view: a cheap pass over the id column (ids only, shuffled over tasks by a hash
-of the id: pipeline/id_shuffle.py) finds them before the heavy stages. Rows with a duplicated id are taken out of the streaming read
-and handled from a small driver-side table: the first occurrence (sorted file order, then row order) is
-embedded, every later one rejected.
+of the id: pipeline/id_shuffle.py) finds them before the heavy stages. Rows with a duplicated id are taken
+out of the streaming read and handled from a small driver-side table: the first occurrence (sorted file
+order, then row order) is embedded, every later one rejected.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     storage.check_can_publish(out_uri, options.overwrite)
     _, needed = validate_schema(catalog_uri, columns)
     model_version = read_model_version(storage.local_dir(model_dir))  # s3://: fetched once per machine
-    # the ids shuffled by a hash into parts of ~ID_BUCKET_ROWS, one task counting each: no process holds every id
+    # the ids shuffled by a hash into parts (id_shuffle.ID_BUCKET_ROWS each), one task counting each: no process
+    # holds every id
     parts, rows_in = id_parts(catalog_uri, [columns.item_id], columns.item_id)
     dup = set().union(*ray.get([ray.remote(duplicate_ids).options(num_cpus=1).remote(*part) for part in parts]))
     previous = _previous_rows(options.previous, model_version, columns.item_id) if options.previous else None
