@@ -403,6 +403,23 @@ class ShardedIndex:
         return np.where(found, heap.D, np.nan).astype(np.float32), ids
 
 
+def search_shard_by_shard(uri: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`ShardedIndex.search` of a published index dir holding one shard in memory at a time (each shard read
+    once): for a few queries where the whole index should not be loaded. Same (scores, item ids) shapes;
+    ties between shards go to the earlier shard."""
+    manifest = storage.read_manifest(uri)
+    scores, ids = [], []
+    for entry in manifest["shards"]:
+        one = ShardedIndex.open(uri, [entry], manifest["dim"], manifest["spec"], manifest["search_params"])
+        d, found = one.search(queries, k)
+        scores.append(np.where(np.isnan(d), -np.inf, d))
+        ids.append(found)
+    scores, ids = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    return np.where(np.isfinite(best), best, np.nan).astype(np.float32), np.take_along_axis(ids, order, axis=1)
+
+
 def _check_same_quantizer(shards: list[IndexShard], fix: str) -> None:
     """IVF shards must come from one trained index: search assigns lists once for all of them."""
     ivfs = [(s.name, s.index) for s in shards if isinstance(s.index, faiss.IndexIVF)]

@@ -25,7 +25,8 @@ from item_model.processor import to_rgb
 
 from . import storage
 from .catalog import ColumnMap, id_as_string, open_dataset
-from .index import ShardedIndex, read_embedding_table
+from .embedding_scan import gather, num_rows
+from .index import search_shard_by_shard
 
 REVIEW = "review.html"
 THUMB_PX = 112
@@ -83,13 +84,16 @@ def _clusters(dedup_uri: str, n: int) -> tuple[list[list[str]], pd.DataFrame]:
 
 def _below_threshold(index_uri: str, embeddings_uri: str, threshold: float, n: int, seed: int,
                      sample: int = 500, k: int = 6) -> list[tuple[str, str, float]]:
-    """The highest-scoring neighbour pairs under the threshold, from a seeded sample of items."""
-    all_ids = open_dataset(embeddings_uri).to_table(columns=["item_id"]).column("item_id").to_pylist()
-    if len(all_ids) < 2:
+    """The highest-scoring neighbour pairs under the threshold, from a seeded sample of items (rows picked by
+    position and streamed out of the table; the index searched one shard at a time: the page's process
+    holds neither the table nor the index)."""
+    n_rows = num_rows(embeddings_uri)
+    if n_rows < 2:
         return []
-    chosen = np.random.default_rng(seed).choice(len(all_ids), min(sample, len(all_ids)), replace=False)
-    ids, vectors, _ = read_embedding_table(embeddings_uri, [all_ids[i] for i in chosen])  # only the sample's vectors
-    scores, found = ShardedIndex.load(index_uri).search(vectors, k)
+    chosen = np.random.default_rng(seed).choice(n_rows, min(sample, n_rows), replace=False)
+    rows = gather(embeddings_uri, chosen)
+    ids, vectors = rows["item_id"], rows["embedding"]
+    scores, found = search_shard_by_shard(index_uri, vectors, k)
     below: dict[tuple[str, str], float] = {}
     for q, own in enumerate(ids):
         for score, other in zip(scores[q], found[q]):

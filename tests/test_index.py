@@ -19,6 +19,7 @@ from pipeline.index import (
     RecallTooLowError,
     ShardedIndex,
     choose_index_spec,
+    search_shard_by_shard,
     shard_of,
     write_index,
 )
@@ -53,6 +54,14 @@ def test_each_item_is_its_own_nearest_neighbour(ivf_index_uri, index_catalog):
     scores, found = index.search(index_catalog.vectors, 1)
     assert (found[:, 0] == index_catalog.item_ids).all()
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-4)
+
+
+def test_searching_one_shard_at_a_time_equals_the_loaded_index(ivf_index_uri, index_catalog):
+    queries = index_catalog.vectors[::7]
+    scores, found = ShardedIndex.load(ivf_index_uri).search(queries, 8)
+    one_scores, one_found = search_shard_by_shard(ivf_index_uri, queries, 8)
+    np.testing.assert_array_equal(one_found, found)
+    np.testing.assert_allclose(one_scores, scores, rtol=1e-6)
 
 
 def test_manifest_records_spec_recall_and_shards(ivf_index_uri, index_catalog):
