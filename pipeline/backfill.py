@@ -190,7 +190,7 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
     storage.read_manifest(index_uri)
     storage.read_manifest(embeddings_uri)
     check_label_columns(catalog_uri, columns)
-    threads = int(ray.available_resources().get("CPU", os.cpu_count() or 1))  # FAISS's threads in the task
+    threads = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))  # FAISS's threads in the task
     task = ray.remote(_backfill_task).options(num_cpus=1)
     try:
         manifest = ray.get(task.remote(index_uri, embeddings_uri, catalog_uri, out_uri, columns, k, min_confidence,
