@@ -120,13 +120,14 @@ def exact_neighbours_streamed(embeddings_uri: str, queries: np.ndarray, k: int) 
     return exact_top_k(embeddings_uri, queries, k)[1]
 
 
-def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
-    """Item ids [Q, k] of the best k of several (scores, ids) top-k lists of the same queries over disjoint
-    row ranges, given in row order: ties go to the earlier range, as in one scan."""
+def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, k], ids [Q, k]) of the best k of several (scores, ids) top-k lists of the same queries over
+    disjoint parts (row ranges, shards), given in order: ties go to the earlier part, as in one scan; a
+    missing hit scores -inf."""
     scores = np.concatenate([s for s, _ in parts], axis=1)
     ids = np.concatenate([i for _, i in parts], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def _merge_top_k(best_s: np.ndarray, best_i: np.ndarray, scores: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:

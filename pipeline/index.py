@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.embedding_scan import merge_top_k
 
 METRIC = "inner_product"
 
@@ -408,16 +409,12 @@ def search_shard_by_shard(uri: str, queries: np.ndarray, k: int) -> tuple[np.nda
     once): for a few queries where the whole index should not be loaded. Same (scores, item ids) shapes;
     ties between shards go to the earlier shard."""
     manifest = storage.read_manifest(uri)
-    scores, ids = [], []
+    parts = []
     for entry in manifest["shards"]:
-        one = ShardedIndex.open(uri, [entry], manifest["dim"], manifest["spec"], manifest["search_params"])
-        d, found = one.search(queries, k)
-        scores.append(np.where(np.isnan(d), -np.inf, d))
-        ids.append(found)
-    scores, ids = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    best = np.take_along_axis(scores, order, axis=1)
-    return np.where(np.isfinite(best), best, np.nan).astype(np.float32), np.take_along_axis(ids, order, axis=1)
+        d, found = ShardedIndex.open(uri, [entry], manifest["dim"], manifest["spec"], manifest["search_params"]).search(queries, k)
+        parts.append((np.where(np.isnan(d), -np.inf, d), found))
+    scores, ids = merge_top_k(parts, k)
+    return np.where(np.isfinite(scores), scores, np.nan).astype(np.float32), ids
 
 
 def _check_same_quantizer(shards: list[IndexShard], fix: str) -> None:

@@ -62,7 +62,7 @@ def _top_k_task(embeddings_uri: str, queries: np.ndarray, k: int, start: int, st
 
 def exact_neighbours(embeddings_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
     """Item ids [Q, k] of the exact inner-product top-k of `queries` over a table (see exact_top_k_tasks)."""
-    return merge_top_k(ray.get(exact_top_k_tasks(embeddings_uri, queries, k)), k)
+    return merge_top_k(ray.get(exact_top_k_tasks(embeddings_uri, queries, k)), k)[1]
 
 
 def exact_top_k_tasks(embeddings_uri: str, queries: np.ndarray, k: int) -> list[ray.ObjectRef]:

@@ -178,7 +178,7 @@ def update_index(previous_uri: str, embeddings_uri: str, out_uri: str, config: I
         truth = exact_top_k_tasks(embeddings_uri, queries, k1)  # the exact scan runs while the index opens here
         index = ix.ShardedIndex.open(stage, shards, previous["dim"], previous["spec"], previous["search_params"])
         _, found = index.search(queries, k1)
-        recall = tuning.measure_recall(found, merge_top_k(ray.get(truth), k1), exclude=query_ids)
+        recall = tuning.measure_recall(found, merge_top_k(ray.get(truth), k1)[1], exclude=query_ids)
         timings["recall_s"] = time.perf_counter() - step
         if recall < config.min_recall:
             raise CannotUpdate(f"the updated index reaches recall@{tuning.RECALL_K} {recall:.4f} on {len(queries)} "

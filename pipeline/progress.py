@@ -10,18 +10,20 @@ import time
 class Progress:
     def __init__(self, log: logging.Logger, what: str, total: int | None, unit: str = "rows", every_s: float = 10.0):
         self.log, self.what, self.total, self.unit, self.every_s = log, what, total, unit, every_s
-        self.done = 0
+        self.done = self.logged = 0
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every_s:
-            self.last = now
+            self.last, self.logged = now, self.done
             self.log.info(self.line(now))
 
     def finish(self) -> None:
-        self.log.info(self.line(time.perf_counter()))
+        """The end line, unless the last periodic line already said the same count."""
+        if self.done != self.logged or self.done == 0:
+            self.log.info(self.line(time.perf_counter()))
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)

@@ -3,6 +3,7 @@ a real error still reaches the terminal with its cause."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -55,8 +56,6 @@ def test_a_real_error_reaches_the_terminal_with_its_cause(tmp_path, tiny_model_d
 
 def test_quiet_and_verbose_use_the_engines_own_switches(monkeypatch):
     """Quiet: Ray Data reads our logging config (console at WARNING, file at DEBUG); verbose: Ray's own."""
-    import logging
-
     import yaml
 
     from jobs import runtime
@@ -69,3 +68,17 @@ def test_quiet_and_verbose_use_the_engines_own_switches(monkeypatch):
     assert config["handlers"]["console"]["level"] == "WARNING" and config["loggers"]["ray.data"]["level"] == "DEBUG"
     assert set(config["loggers"]["ray.data"]["handlers"]) == {"file", "console"}
     assert logging.getLogger("pipeline.embed").getEffectiveLevel() == logging.INFO  # our progress lines show
+
+
+def test_a_progress_end_line_is_not_a_repeat_of_the_last_one(caplog):
+    from pipeline.progress import Progress
+
+    log = logging.getLogger("test.progress")
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        done = Progress(log, "embed", 10, every_s=0.0)
+        done.update(10)  # the periodic line already says 10/10
+        done.finish()
+        cut = Progress(log, "embed", 10, every_s=3600.0)
+        cut.update(4)  # no periodic line yet: the end line is the only one
+        cut.finish()
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["embed: 10/10 rows (100%)", "embed: 4/10 rows (40%)"]
