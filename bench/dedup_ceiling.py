@@ -10,6 +10,9 @@ demo's target: recall >= 0.7 there), the best F1, the mean pairwise cosine, and 
 highest-scoring pairs are: true pairs, or two products with byte-identical titles (the sample catalog's
 image-only twins), or with byte-identical photos (its title-only twins), or other. A second table gives the
 median cosine of each kind of pair: a threshold can only work where true pairs score above the twins.
+A third table, per --model: how far each single re-listing perturbation of pipeline/perturb.py moves the
+photo-alone vector of a group's first listing (median cosine to it), beside the photo-alone cosine of
+same-title twins: which change of the photo the model is not yet invariant to.
 Catalogs up to a few thousand rows (all pairs are scored in memory).
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline.catalog import open_dataset
+from pipeline.perturb import IMAGE_PERTURBATIONS, RelistConfig, relist_image
 
 
 def pair_curve(vectors: np.ndarray, groups: np.ndarray) -> dict:
@@ -43,7 +47,8 @@ def pair_curve(vectors: np.ndarray, groups: np.ndarray) -> dict:
 @click.option("--model", "models", multiple=True, help="A model dir to score (repeatable).")
 @click.option("--group-col", default="group_id", show_default=True)
 @click.option("--defect-col", default="defect", show_default=True, help="Rows where it is not null are left out.")
-def main(catalog: str, models: tuple[str, ...], group_col: str, defect_col: str) -> None:
+@click.option("--perturbed-rows", default=400, show_default=True, help="First listings re-photographed per perturbation.")
+def main(catalog: str, models: tuple[str, ...], group_col: str, defect_col: str, perturbed_rows: int) -> None:
     from item_model import load_model_dir
     from pipeline.encode import Encoder
     from pipeline.eval_embedders import baseline_embedders, loaded_model_embedder, model_embedder
@@ -88,6 +93,39 @@ def main(catalog: str, models: tuple[str, ...], group_col: str, defect_col: str)
     print("|---|---|---|---|---|")
     for name, m in medians.items():
         print(f"| {name} | {m['true']:.3f} | {m['same title']:.3f} | {m['same photo']:.3f} | {m['other']:.3f} |")
+    if models:
+        print_perturbation_table(models, embedders, titles, images, groups, perturbed_rows)
+
+
+def print_perturbation_table(models, embedders, titles, images, groups, rows: int) -> None:
+    """Median cosine of each model's photo-alone vector of a group's first listing to the same photo after
+    one perturbation family (RelistConfig's defaults, always applied), and between same-title twins."""
+    first = {}
+    for i, g in enumerate(groups):
+        if images[i] is not None:
+            first.setdefault(g, i)
+    originals = list(first.values())[:rows]
+    by_title = collections.defaultdict(list)
+    for i in first.values():
+        by_title[titles[i]].append(i)
+    twins = [(a[0], a[1]) for a in by_title.values() if len(a) >= 2]
+    perturbed = {}
+    for family in [*IMAGE_PERTURBATIONS, "all"]:
+        rng = np.random.default_rng(0)
+        perturbed[family] = [relist_image(images[i], rng, RelistConfig(), None if family == "all" else [family])
+                             for i in originals]
+    print(f"\nphoto alone: median cosine to the first listing's photo after one perturbation ({len(originals)} "
+          f"photos), and between same-title twins ({len(twins)} pairs):\n")
+    print("| model | " + " | ".join(perturbed) + " | same-title twins |")
+    print("|---|" + "---|" * (len(perturbed) + 1))
+    for md in models:
+        embed = embedders[f"{md} (photo alone)"]
+        base = embed([""] * len(originals), [images[i] for i in originals])
+        cells = [np.median((embed([""] * len(p), p) * base).sum(1)) for p in perturbed.values()]
+        a = embed([""] * len(twins), [images[i] for i, _ in twins])
+        b = embed([""] * len(twins), [images[j] for _, j in twins])
+        cells.append(np.median((a * b).sum(1)) if twins else float("nan"))
+        print(f"| {md} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

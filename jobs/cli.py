@@ -313,7 +313,7 @@ def search(index, item_id, vector_file, title, image_path, k, as_json):
 @click.option("--catalog", help="Catalog with group_id labels, for --calibrate-precision.")
 @click.option("--column-map", default=None, help="Catalog column names, e.g. id=sku,group=product (keys as for embed).")
 @click.option("--calibrate-precision", type=click.FloatRange(0, 1), help="Choose the threshold that reaches this precision on the catalog's labelled groups.")
-@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True, help="Ray Data search actors; each loads the whole index.")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True, help="Search actors per index shard; each loads its one shard.")
 @click.option("--threads-per-actor", type=click.IntRange(min=1), help="FAISS threads per actor (default: FAISS's own, all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
 @click.option("--max-cluster-share", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,

@@ -50,7 +50,7 @@ class DedupStage:
     # and recall against the groups; 0: always `threshold`
     calibrate_precision: float = 0.9
     k: int = 10  # neighbours examined per listing
-    actors: int = 1  # search actors (each loads all shards once)
+    actors: int = 1  # search actors per index shard (each loads its one shard)
     # sanity gate: the stage fails, publishing nothing, when one cluster holds more than this share of the
     # listings (what a collapsed model or a far too low threshold produces)
     max_cluster_share: float = 0.05

@@ -1,4 +1,5 @@
-"""Duplicate-product search: all-items k-NN over the sharded index (Ray Data), pairs above a threshold, clusters.
+"""Duplicate-product search: all-items k-NN over the sharded index (Ray Data, one stage per shard), pairs above a
+threshold, clusters.
 
 Output: one published directory (pairs and clusters always come from the same run):
 
@@ -23,43 +24,73 @@ import ray
 
 from pipeline import storage
 from pipeline.catalog import ColumnMap, read_labels
+from pipeline.embedding_scan import merge_top_k
 from pipeline.index import ShardedIndex
 
 PAIRS_SCHEMA = pa.schema([("item_id", pa.string()), ("dup_item_id", pa.string()), ("score", pa.float32())])
 
 
-class NeighbourPairs:
-    """Callable for `map_batches`: loads the sharded index once, turns a batch of items into pairs.
+TOP_IDS, TOP_SCORES = "_top_ids", "_top_scores"  # a batch's running top-k over the shards searched so far
+COARSE_LISTS, COARSE_SCORES = "_coarse_lists", "_coarse_scores"  # its IVF lists, assigned once
 
-    `__call__({item_id [B], embedding [B, D]})` -> pa.Table of (item_id, dup_item_id, score) for every
-    neighbour among the top-`k` (self excluded) scoring >= `threshold`, ordered so item_id < dup_item_id.
-    A pair found from both sides appears twice here; `find_duplicate_pairs` keeps one.
+
+class ShardNeighbours:
+    """Callable for `map_batches`: the all-pairs search's stage for one shard, holding that shard only.
+
+    `__call__({item_id [B], embedding [B, D], ...})` adds the shard's top-`k` to the batch's running top-k
+    over the shards before it (`_top_ids`, `_top_scores`; absent at the first stage) and returns the batch.
+    IVF shards share one trained quantizer: the first stage assigns each item's lists (`_coarse_*`) and the
+    later ones search the same lists, as `ShardedIndex.search` does over all shards at once. No actor holds
+    more than one shard, so an actor's memory is the index's size over the shard count.
     """
 
-    def __init__(self, index_uri: str, k: int, threshold: float, threads: int | None = None):
+    def __init__(self, index_uri: str, shard: int, k: int, threads: int | None = None):
         import faiss
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index = ShardedIndex.load(index_uri)
-        self.k, self.threshold = k, threshold
+        m = storage.read_manifest(index_uri)
+        self.index = ShardedIndex.open(index_uri, [m["shards"][shard]], m["dim"], m["spec"], m["search_params"])
+        self.k = k
 
-    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
-        ids = _column_values(batch["item_id"])
-        emb = batch["embedding"]
-        vectors = storage.embedding_matrix(emb) if isinstance(emb, (pa.Array, pa.ChunkedArray)) else np.asarray(emb)
-        scores, found = self.index.search(vectors, self.k + 1)  # +1: the item finds itself
-        query = np.repeat(ids, scores.shape[1]).reshape(scores.shape)
-        keep = (scores >= self.threshold) & (found != query) & (found != None)  # noqa: E711 (elementwise)
-        a, b = query[keep], found[keep]
-        lo, hi = np.where(a < b, a, b), np.where(a < b, b, a)
-        return pa.table({"item_id": lo.tolist(), "dup_item_id": hi.tolist(), "score": scores[keep]}, schema=PAIRS_SCHEMA)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = storage.embedding_matrix(batch["embedding"])
+        if COARSE_LISTS in batch.column_names:
+            coarse = (_matrix(batch[COARSE_LISTS]), _matrix(batch[COARSE_SCORES]))
+        else:
+            coarse = self.index.coarse_assignment(vectors)
+            if coarse is not None:
+                batch = batch.append_column(COARSE_LISTS, _lists(coarse[0])).append_column(COARSE_SCORES, _lists(coarse[1]))
+        scores, ids = self.index.search(vectors, self.k, coarse)
+        scores = np.where(np.isnan(scores), -np.inf, scores)  # a missing hit ranks last
+        if TOP_IDS in batch.column_names:
+            scores, ids = merge_top_k([(_matrix(batch[TOP_SCORES]), _matrix(batch[TOP_IDS])), (scores, ids)], self.k)
+            batch = batch.drop_columns([TOP_IDS, TOP_SCORES])
+        return batch.append_column(TOP_IDS, _lists(ids, pa.string())).append_column(TOP_SCORES, _lists(scores))
 
 
-def _column_values(column: Any) -> np.ndarray:
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
-        return column.to_numpy(zero_copy_only=False).astype(object)
-    return np.asarray(column, dtype=object)
+def neighbour_pairs(batch: pa.Table, threshold: float) -> pa.Table:
+    """(item_id, dup_item_id, score) for every neighbour in a batch's top-k (self excluded) scoring >=
+    `threshold`, ordered so item_id < dup_item_id. A pair found from both sides appears twice here;
+    `find_duplicate_pairs` keeps one."""
+    ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
+    scores, found = _matrix(batch[TOP_SCORES]), _matrix(batch[TOP_IDS])
+    query = np.repeat(ids, scores.shape[1]).reshape(scores.shape)
+    keep = (scores >= threshold) & (found != query) & (found != None)  # noqa: E711 (elementwise)
+    a, b = query[keep], found[keep]
+    lo, hi = np.where(a < b, a, b), np.where(a < b, b, a)
+    return pa.table({"item_id": lo.tolist(), "dup_item_id": hi.tolist(), "score": scores[keep]}, schema=PAIRS_SCHEMA)
+
+
+def _lists(values: np.ndarray, type: pa.DataType | None = None) -> pa.FixedSizeListArray:
+    """A [B, n] matrix as a column of B fixed-size lists."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), type), values.shape[1])
+
+
+def _matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """A column of fixed-size lists as a [B, n] matrix (object for strings, None where null)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
 def find_duplicate_pairs(
@@ -73,23 +104,27 @@ def find_duplicate_pairs(
 ) -> pd.DataFrame:
     """All pairs among the k nearest neighbours of every item scoring >= `threshold`, each unordered pair once.
 
-    A Ray Data job over the embedding table; needs Ray initialised by the caller. Each of `num_actors`
-    actors loads the whole sharded index once and searches batches of `batch_size` items.
+    A Ray Data job over the embedding table; needs Ray initialised by the caller. The table is read once and
+    each batch of `batch_size` items passes through one stage per index shard (`ShardNeighbours`, a pool of
+    `num_actors` actors each), then becomes pairs in a task: no process holds more than one shard.
     """
     storage.read_manifest(embeddings_uri)  # fail now, not in an actor, when the table is not published
-    storage.read_manifest(index_uri)
+    n_shards = len(storage.read_manifest(index_uri)["shards"])
     fs, _ = storage.get_fs(embeddings_uri)
     ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs).select_columns(["item_id", "embedding"])
-    pairs = ds.map_batches(
-        NeighbourPairs,
-        fn_constructor_args=(index_uri, k, threshold, threads_per_actor),
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        # one Ray CPU per actor even when FAISS runs more threads: reserving all cores for the actors
-        # would leave none for the read tasks that feed them, and the job would wait forever
-        num_cpus=1,
-    )
+    for shard in range(n_shards):
+        ds = ds.map_batches(
+            ShardNeighbours,
+            fn_constructor_args=(index_uri, shard, k + 1, threads_per_actor),  # k + 1: the item finds itself
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            # the shards' stages of one search pipeline share one Ray CPU, even when FAISS runs more threads:
+            # reserving all cores for the actors would leave none for the read tasks that feed them, and the
+            # job would wait forever
+            num_cpus=1 / n_shards,
+        )
+    pairs = ds.map_batches(neighbour_pairs, fn_args=(threshold,), batch_format="pyarrow")
     blocks = [t.cast(PAIRS_SCHEMA) for t in ray.get(pairs.to_arrow_refs())]
     frame = pa.concat_tables([PAIRS_SCHEMA.empty_table(), *blocks]).to_pandas()
     # the same pair found from both of its items: keep one (same score up to float noise: keep the higher)

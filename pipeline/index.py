@@ -369,11 +369,12 @@ class ShardedIndex:
             set_search_params(shard.index, params)
         self.search_params = dict(params)
 
-    def _coarse_assignment(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def coarse_assignment(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(centroid ids, scores) [Q, nprobe] when all shards are plain IVF over one quantizer, else None.
 
         The shards share the trained quantizer, so the nearest lists are found once for all shards instead
-        of once per shard (with thousands of lists this is a large part of a search).
+        of once per shard (with thousands of lists this is a large part of a search); an index opened with
+        some of its shards can take the lists another one assigned (`search(..., coarse=)`).
         """
         if not self.shards or not all(isinstance(s.index, faiss.IndexIVF) for s in self.shards):
             return None
@@ -381,15 +382,18 @@ class ShardedIndex:
         scores, lists = first.quantizer.search(queries, first.nprobe)
         return lists, scores
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over all shards for `queries` [Q, D] (L2-normalised).
+    def search(self, queries: np.ndarray, k: int,
+               coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over all shards for `queries` [Q, D] (L2-normalised); `coarse`: their `coarse_assignment`,
+        when already made.
 
         Returns (scores [Q, k] float32, descending; item_ids [Q, k] object, None where fewer than k hits).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
-        coarse = self._coarse_assignment(queries)
+        if coarse is None:
+            coarse = self.coarse_assignment(queries)
         # FAISS's own result merge: a min-heap of the k best per query over every shard's top-k, on global
         # row numbers (a shard's row r is base[s] + r); then the id maps turn rows into item ids
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)

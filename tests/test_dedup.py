@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from pipeline import storage
 from jobs.cli import main
-from pipeline.dedup import NeighbourPairs, calibrate_threshold, cluster_pairs, cluster_quality, find_duplicate_pairs
+from pipeline.dedup import (ShardNeighbours, calibrate_threshold, cluster_pairs, cluster_quality, find_duplicate_pairs,
+                            neighbour_pairs)
+from pipeline.index import ShardedIndex
 
 
 def _groups(index_catalog) -> dict[str, set[str]]:
@@ -19,11 +23,22 @@ def _groups(index_catalog) -> dict[str, set[str]]:
     return {g: set(rows) for g, rows in frame.groupby("group")["item_id"]}
 
 
-def test_neighbour_pairs_on_a_plain_batch(ivf_index_uri, index_catalog):
-    fn = NeighbourPairs(ivf_index_uri, k=5, threshold=0.99)
+def test_shard_stages_on_a_plain_batch_find_the_whole_index_top_k_and_its_pairs(ivf_index_uri, index_catalog):
+    stages = [ShardNeighbours(ivf_index_uri, shard, k=6) for shard in range(3)]
+    assert [len(stage.index.shards) for stage in stages] == [1, 1, 1]  # no stage holds the whole index
+    n = len(index_catalog.item_ids)
+    batch = pa.table({"item_id": index_catalog.item_ids, "embedding": storage.embedding_array(index_catalog.vectors)})
+    for stage in stages:
+        batch = stage(batch)
+    scores, ids = ShardedIndex.load(ivf_index_uri).search(index_catalog.vectors, 6)
+    got_ids = batch["_top_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, 6)
+    got_scores = batch["_top_scores"].combine_chunks().flatten().to_numpy().reshape(n, 6)
+    assert (got_ids == ids).all()
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
+
     member = next(iter(_groups(index_catalog).values()))
     rows = [i for i, item in enumerate(index_catalog.item_ids) if item in member]
-    out = fn({"item_id": index_catalog.item_ids[rows], "embedding": index_catalog.vectors[rows]}).to_pandas()
+    out = neighbour_pairs(batch.take(rows), 0.99).to_pandas()
     pairs = set(zip(out["item_id"], out["dup_item_id"]))
     a, b, c = sorted(member)
     assert {(a, b), (a, c), (b, c)} <= pairs  # each found from both sides, always as (smaller, larger)
@@ -112,7 +127,7 @@ def test_a_killed_dedup_actor_is_restarted_and_the_pairs_are_the_same(candidates
     from tests.faults import killed_once
 
     marker = str(tmp_path / "killed")
-    monkeypatch.setattr(dedup, "NeighbourPairs", killed_once(dedup.NeighbourPairs, marker, at_call=1))
+    monkeypatch.setattr(dedup, "ShardNeighbours", killed_once(dedup.ShardNeighbours, marker, at_call=1))
     pairs = find_duplicate_pairs(ivf_index_uri, embeddings_uri, 5, -1.0, batch_size=500)
     assert os.path.exists(marker)
     pd.testing.assert_frame_equal(pairs, candidates)
