@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _peak_worker_rss(stop: threading.Event, peak: list[float]) -> None:
+def _peak_worker_rss(stop: threading.Event, peak: list[float], by_title: dict[str, float]) -> None:
     """Largest RSS (GiB) of any Ray worker process (ray::..., default_worker.py) seen until `stop` is set,
-    read from /proc (Linux)."""
+    read from /proc (Linux); `by_title` keeps the largest per process title (what the worker was running,
+    e.g. `ray::MapWorker(MapBatches(ShardNeighbours))`)."""
     while not stop.wait(0.2):
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
             try:
@@ -45,6 +46,8 @@ def _peak_worker_rss(stop: threading.Event, peak: list[float]) -> None:
                 with open(f"/proc/{pid}/status") as f:
                     rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
                 peak[0] = max(peak[0], rss_kib / 2**20)
+                title = cmd.split(" ")[0] if cmd.startswith("ray::") else "default_worker.py"
+                by_title[title] = max(by_title.get(title, 0.0), rss_kib / 2**20)
             except (OSError, StopIteration, ValueError):
                 continue
 
@@ -66,8 +69,8 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    stop, peak = threading.Event(), [0.0]
-    sampler = threading.Thread(target=_peak_worker_rss, args=(stop, peak), daemon=True)
+    stop, peak, by_title = threading.Event(), [0.0], {}
+    sampler = threading.Thread(target=_peak_worker_rss, args=(stop, peak, by_title), daemon=True)
     sampler.start()
     start = time.perf_counter()
     if step == "build":
@@ -90,6 +93,7 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
     sampler.join()
     out["driver_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["worker_gib"] = peak[0]
+    out["worker_gib_by_title"] = {t: round(g, 2) for t, g in sorted(by_title.items(), key=lambda kv: -kv[1])[:4]}
     return out
 
 

@@ -14,6 +14,7 @@ from .presets import PRESETS, VARIANTS
 ARCHITECTURES = ("single_stream", "two_stream")
 MODALITIES = ("image+title", "title", "image")
 POOLINGS = ("cls", "mean")
+BACKDROPS = ("light", "any")
 # Token ids that must agree with the tokenizer are never defaulted: `preset_config` reads them from the
 # tokenizer, and `ItemModel` refuses a config where they are unset.
 _FROM_TOKENIZER = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
@@ -81,6 +82,12 @@ class ItemConfig(BertConfig):
     # many degrees (off by default: run 2 in docs/evaluation.md measured no gain from them)
     view_zoom_out_max: float = 0.0
     view_rotation_max_deg: float = 0.0
+    # the zoom-out's backdrop: "light" (grey to white, as catalog photos are shot) or "any" (a plain backdrop of
+    # any RGB colour, as when a seller photographs the product elsewhere)
+    view_backdrop: str = "light"
+    # the joint pass's photo augmented as the image-only view's is (independently drawn): the joint vector
+    # itself, not only the photo-alone one, learns to ignore a new framing and backdrop
+    view_augment_joint: bool = False
     # dropout off by default: the objectives' masking already regularises, and short CPU runs learn faster
     hidden_dropout_prob: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
@@ -118,6 +125,8 @@ class ItemConfig(BertConfig):
             raise ValueError("architecture='two_stream' needs modalities='image+title' and use_contrastive=True")
         if self.pooling not in POOLINGS or self.view_pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} / view_pooling {self.view_pooling!r}: each is one of {POOLINGS}")
+        if self.view_backdrop not in BACKDROPS:
+            raise ValueError(f"view_backdrop {self.view_backdrop!r} is not one of {BACKDROPS}")
         if self.use_view_contrastive and (self.architecture != "single_stream" or self.modalities != "image+title"):
             raise ValueError("use_view_contrastive needs the single-stream model over image+title")
         if self.max_title_len < 2:

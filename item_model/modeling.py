@@ -314,6 +314,9 @@ class ItemModel(PreTrainedModel):
         input_ids, attention_mask, has_image = restrict_modalities(c, input_ids, attention_mask, has_image)
         has_title = attention_mask.sum(dim=1) > 2  # more than [CLS] [SEP]
         original = (input_ids, attention_mask, pixel_values, has_image, has_title)  # for the view passes
+        if self.training and c.use_view_contrastive and c.view_augment_joint:  # a new photo in the joint pass too
+            pixel_values = objectives.augment_images(pixel_values, c.view_crop_scale_min, generator,
+                                                     c.view_zoom_out_max, c.view_rotation_max_deg, c.view_backdrop)
 
         # modality dropout: some rows lose their title or their image, as rows in the catalog do. A row
         # without its title becomes [CLS] [SEP], exactly the input of an empty title at inference.
@@ -381,7 +384,7 @@ class ItemModel(PreTrainedModel):
         if image_rows.sum() >= 2:
             ids, mask = empty_titles(c, input_ids, t=2)
             pixels = objectives.augment_images(pixel_values[image_rows], c.view_crop_scale_min, generator,
-                                               c.view_zoom_out_max, c.view_rotation_max_deg)
+                                               c.view_zoom_out_max, c.view_rotation_max_deg, c.view_backdrop)
             hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
                                                           has_image[image_rows])
             views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)

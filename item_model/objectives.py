@@ -131,17 +131,21 @@ def augment_images(
     generator: torch.Generator | None = None,
     zoom_out_max: float = 0.0,
     rotation_max_deg: float = 0.0,
+    backdrop: str = "light",
 ) -> torch.Tensor:
     """A photo view for training, in batch on the device: a random re-framing (a resized crop keeping an
     area share in [crop_scale_min, 1] or, with `zoom_out_max`, a zoom-out to as little as 1 - zoom_out_max
-    of the side on a random light background; aspect 3/4..4/3; a rotation up to `rotation_max_deg`; the
-    subject anywhere in the frame), a horizontal flip, and brightness and contrast x U(0.8, 1.2).
-    Returns float [B, S, S, 3] in 0..255 (the model's patchify takes either).
+    of the side on a plain backdrop, light grey to white or, with backdrop="any", of any RGB colour; aspect
+    3/4..4/3; a rotation up to `rotation_max_deg`; the subject anywhere in the frame), a horizontal flip,
+    and brightness and contrast x U(0.8, 1.2). Returns float [B, S, S, 3] in 0..255 (the model's patchify
+    takes either).
 
     Generic augmentations (SimCLR's crop, flip and colour jitter; torchvision's RandomAffine), drawn in
     torch: deliberately not the evaluation's re-listing generator (pipeline/perturb.py: PIL, its own
     padding, rotation and crop ranges, title edits, JPEG re-encoding, which training never applies), so
-    that re-listing recall measures what a model learned, not the test's own perturbations.
+    that re-listing recall measures what a model learned, not the test's own perturbations. One family is
+    alike in kind: the generator's `background` also puts the photo on a plain backdrop of a random colour
+    (padding of up to 15% per side); docs/evaluation.md (run 5) reads the figures with that in mind.
     """
     b, s, _, _ = pixel_values.shape
     device = pixel_values.device
@@ -164,7 +168,10 @@ def augment_images(
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)  # [B, 1, S, S]: 1 where the photo is, 0 on the background
-    background = uniform(200.0, 255.0)[:, None, None, None]  # catalog photos are shot on light backgrounds
+    if backdrop == "light":  # catalog photos are mostly shot on light backgrounds
+        background = uniform(200.0, 255.0)[:, None, None, None]
+    else:  # "any": a new backdrop of any colour, as when a seller photographs the product elsewhere
+        background = 255.0 * torch.rand(b, 3, 1, 1, generator=generator, device=device)
     x = x + (1 - inside) * background
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * uniform(0.8, 1.2)[:, None, None, None] + mean  # contrast

@@ -357,6 +357,34 @@ def test_augmented_views_are_seeded_crops_of_the_photo():
     assert not torch.equal(first, other) and not torch.equal(first, pixels.float())
 
 
+def test_a_zoomed_out_view_lies_on_a_grey_backdrop_or_on_one_of_any_colour():
+    black = torch.zeros(16, 32, 32, 3, dtype=torch.uint8)  # only the backdrop shows colour
+    corners = {}
+    for backdrop in ("light", "any"):  # crop_scale_min 1 and zoom_out_max 0.5: every view is zoomed out
+        view = objectives.augment_images(black, 1.0, torch.Generator().manual_seed(0), zoom_out_max=0.5, backdrop=backdrop)
+        corners[backdrop] = torch.cat([view[:, 0, 0], view[:, 0, -1], view[:, -1, 0], view[:, -1, -1]])
+    spread = {name: (c.max(dim=1).values - c.min(dim=1).values) for name, c in corners.items()}  # across R, G, B
+    assert spread["light"].max() < 1e-3  # grey: brightness and contrast scale the three channels alike
+    assert (spread["any"] > 20).float().mean() > 0.5  # coloured
+
+
+def test_the_joint_pass_sees_an_augmented_photo_only_when_asked_and_only_in_training(tokenizer, monkeypatch):
+    calls = []
+    real = objectives.augment_images
+    monkeypatch.setattr(objectives, "augment_images",
+                        lambda pixels, *a, **kw: calls.append(len(pixels)) or real(pixels, *a, **kw))
+    for augment_joint, expected in ((False, 1), (True, 2)):  # the image-only view, and the joint pass
+        cfg = preset_config("tiny", tokenizer, variant="item_contrastive", view_augment_joint=augment_joint)
+        batch = make_batch(tokenizer, cfg, n=16)
+        calls.clear()
+        ItemModel(cfg).train()(**batch, generator=torch.Generator().manual_seed(0))
+        assert len(calls) == expected and (not augment_joint or calls[0] == 16)  # the joint pass: every row
+    calls.clear()
+    with torch.no_grad():
+        ItemModel(cfg).eval().encode(**batch)
+    assert calls == []
+
+
 def test_drop_tokens_keeps_cls_and_sep():
     ids = torch.tensor([[101, 5, 6, 7, 102, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
