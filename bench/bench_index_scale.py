@@ -34,8 +34,9 @@ import pyarrow.parquet as pq
 
 def _peak_worker_rss(stop: threading.Event, peak: list[float], by_title: dict[str, float]) -> None:
     """Largest RSS (GiB) of any Ray worker process (ray::..., default_worker.py) seen until `stop` is set,
-    read from /proc (Linux); `by_title` keeps the largest per process title (what the worker was running,
-    e.g. `ray::MapWorker(MapBatches(ShardNeighbours))`)."""
+    read from /proc (Linux); `by_title` keeps the largest private memory (RssAnon: not the object store's
+    shared pages a worker maps while it reads or writes blocks) per process title, i.e. what the worker was
+    running, e.g. `ray::MapWorker(MapBatches(ShardNeighbours))`."""
     while not stop.wait(0.2):
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
             try:
@@ -44,11 +45,12 @@ def _peak_worker_rss(stop: threading.Event, peak: list[float], by_title: dict[st
                 if not (cmd.startswith("ray::") or "default_worker.py" in cmd):
                     continue
                 with open(f"/proc/{pid}/status") as f:
-                    rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+                    status = {line.split(":")[0]: line.split()[1] for line in f if line.startswith(("VmRSS:", "RssAnon:"))}
+                rss_kib, anon_kib = int(status["VmRSS"]), int(status["RssAnon"])
                 peak[0] = max(peak[0], rss_kib / 2**20)
                 title = cmd.split(" ")[0] if cmd.startswith("ray::") else "default_worker.py"
-                by_title[title] = max(by_title.get(title, 0.0), rss_kib / 2**20)
-            except (OSError, StopIteration, ValueError):
+                by_title[title] = max(by_title.get(title, 0.0), anon_kib / 2**20)
+            except (OSError, KeyError, ValueError):
                 continue
 
 
@@ -93,7 +95,7 @@ def _step(step: str, dim: int, n: int, work: str, shards: int, spec: str, memory
     sampler.join()
     out["driver_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["worker_gib"] = peak[0]
-    out["worker_gib_by_title"] = {t: round(g, 2) for t, g in sorted(by_title.items(), key=lambda kv: -kv[1])[:4]}
+    out["worker_private_gib_by_title"] = {t: round(g, 2) for t, g in sorted(by_title.items(), key=lambda kv: -kv[1])[:4]}
     return out
 
 
