@@ -74,6 +74,7 @@ class ItemConfig(BertConfig):
     view_contrastive_weight: float = 1.0
     # the pooling of the vectors the view term pulls together ("cls" | "mean"); the published vector is
     # `pooling`. Measured (docs/evaluation.md): the term on the mean of the states, published by [CLS], was best
+    # in run 3; with run 5's backdrop views, publishing the (centred) mean was better on re-listings (run 6)
     view_pooling: str = "mean"
     contrastive_temperature: float = 0.05  # InfoNCE temperature (our choice; CLIP learns it, we fix it)
     view_token_drop: float = 0.2  # share of title words dropped in the title-only view
