@@ -342,8 +342,10 @@ def dedup(index, embeddings, out, threshold, k, catalog, column_map, calibrate_p
                              max_cluster_share)
     except (*USER_ERRORS, DedupSanityError) as e:
         raise _fail(e) from e
-    if "calibration" in manifest:
-        cal = manifest["calibration"]
+    if (cal := manifest.get("calibration")) and not cal["reached"]:
+        click.echo(f"no threshold reaches precision {cal['target_precision']} on the labelled groups (best "
+                   f"{cal['best_precision']:.3f}, at cosine >= {cal['best_threshold']:.4f}): no pairs published")
+    elif cal:
         click.echo(f"calibrated threshold {manifest['threshold']:.4f}: precision {cal['precision']:.3f} "
                    f"on labelled groups, {cal['pairs']} pairs")
     click.echo(f"published {out}: {manifest['n_pairs']} pairs, {manifest['n_clusters']} clusters")

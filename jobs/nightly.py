@@ -227,6 +227,21 @@ def build_report(run_date: dt.date, root: str, previous: str | None, manifests: 
     }
 
 
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _dedup_line(d: dict[str, Any], sizes: str) -> str:
+    cal = d.get("calibration")
+    if cal and not cal["reached"]:
+        return (f"- duplicates: NONE PUBLISHED: no threshold reaches precision {cal['target_precision']} on the labelled "
+                f"groups (best {cal['best_precision']:.3f}, at cosine >= {cal['best_threshold']:.4f}); the model does "
+                "not tell these duplicates apart (docs/evaluation.md)")
+    return (f"- duplicates at cosine >= {d['threshold']:.4f}"
+            + (f" (calibrated to precision {cal['precision']:.3f} on labelled groups)" if cal else "")
+            + f": {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """A short human summary of the run report."""
     c, d, b, i = report["counts"], report["dedup"], report["backfill"], report["index"]
@@ -244,11 +259,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         *_balance_lines(report.get("modality_balance")),
         f"- index: {i['spec']} in {i['shards']} shards, recall@10 vs exact {i['recall_at_10']}; "
         f"{'updated' if i.get('mode') == 'update' else 'built from scratch'}: {i.get('reason') or 'full build'}",
-        f"- duplicates at cosine >= {d['threshold']:.4f}"
-        + (f" (calibrated to precision {d['calibration']['precision']:.3f} on labelled groups)" if d.get("calibration") else "")
-        + f": {d['pairs']} pairs in {d['clusters']} clusters (sizes {sizes})",
-        *([f"- clusters vs labelled groups: pairwise precision {q['pair_precision']:.3f}, recall {q['pair_recall']:.3f} "
-           f"({q['predicted_pairs']} pairs in clusters, {q['true_pairs']} same-group pairs)"]
+        _dedup_line(d, sizes),
+        *([f"- clusters vs labelled groups: pairwise precision {_ratio(q['pair_precision'])}, recall "
+           f"{_ratio(q['pair_recall'])} ({q['predicted_pairs']} pairs in clusters, {q['true_pairs']} same-group pairs)"]
           if (q := d.get("cluster_quality")) else []),
         f"- backfill: {b['n_filled']} filled, {b['n_unfilled']} left unfilled of {b['n_unlabelled']} uncategorised rows"
         + (f"; accuracy of the fills vs held-back labels {b['fill_accuracy']:.3f}" if b.get("fill_accuracy") is not None else "")

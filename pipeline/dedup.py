@@ -159,12 +159,14 @@ def cluster_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     return frame[["item_id", "cluster_id"]].sort_values(["cluster_id", "item_id"]).reset_index(drop=True)
 
 
-def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: float) -> tuple[float, float, int]:
+def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: float) -> dict[str, Any]:
     """The lowest threshold at which the pairs scoring at or above it reach `precision` on labelled groups.
 
     A pair is a true duplicate when both items have the same non-null group (`group_of`: item_id ->
-    group_id; an item without a group has no known duplicate). Returns (threshold, precision reached,
-    pairs kept). Raises ValueError when no threshold reaches `precision`.
+    group_id; an item without a group has no known duplicate). Returns the calibration as the manifest
+    records it: target_precision, reached (bool), threshold (None when no cut reaches the target: the only
+    threshold that keeps the promise is then to publish no pairs), precision and pairs at that threshold,
+    and best_precision / best_threshold, the most precise cut there is.
     """
     if pairs.empty:
         raise ValueError("no candidate pairs to calibrate on: raise --k or check the index")
@@ -175,12 +177,14 @@ def calibrate_threshold(pairs: pd.DataFrame, group_of: pd.Series, precision: flo
     scores, same = pairs["score"].to_numpy()[order], same[order]
     prec = np.cumsum(same) / np.arange(1, len(same) + 1)
     # a cut can only fall between different scores; keep the last position of each score run
-    last_of_score = np.r_[scores[1:] != scores[:-1], True]
-    ok = np.flatnonzero((prec >= precision) & last_of_score)
+    cuts = np.flatnonzero(np.r_[scores[1:] != scores[:-1], True])
+    best = cuts[np.argmax(prec[cuts])]
+    calibration = {"target_precision": precision, "best_precision": float(prec[best]), "best_threshold": float(scores[best])}
+    ok = cuts[prec[cuts] >= precision]
     if not len(ok):
-        raise ValueError(f"no threshold reaches precision {precision} (best {prec.max():.3f}) on the labelled groups")
+        return {**calibration, "reached": False, "threshold": None, "precision": None, "pairs": 0}
     i = ok[-1]
-    return float(scores[i]), float(prec[i]), int(i + 1)
+    return {**calibration, "reached": True, "threshold": float(scores[i]), "precision": float(prec[i]), "pairs": int(i + 1)}
 
 
 def check_cluster_share(clusters: pd.DataFrame, n_items: int, threshold: float, max_share: float) -> None:
@@ -194,11 +198,11 @@ def check_cluster_share(clusters: pd.DataFrame, n_items: int, threshold: float, 
             "model (docs/evaluation.md), raise the threshold, or raise max_cluster_share if such clusters are real.")
 
 
-def cluster_quality(clusters: pd.DataFrame, group_of: pd.Series, item_ids: Iterable[str]) -> dict[str, float | int]:
+def cluster_quality(clusters: pd.DataFrame, group_of: pd.Series, item_ids: Iterable[str]) -> dict[str, float | int | None]:
     """Pairwise precision and recall of the clusters against labelled groups, over `item_ids` (the items
     that were embedded): precision = share of the pairs inside a cluster whose two items share a group;
     recall = share of the same-group pairs that fall inside one cluster. Items without a group are
-    singletons in the truth."""
+    singletons in the truth. A ratio with nothing to count over is None."""
     items = pd.Index(pd.unique(np.asarray(list(item_ids), dtype=object)))
     group = group_of.reindex(items).to_numpy(dtype=object)
     cluster = clusters.set_index("item_id")["cluster_id"].reindex(items).to_numpy(dtype=object)
@@ -210,8 +214,8 @@ def cluster_quality(clusters: pd.DataFrame, group_of: pd.Series, item_ids: Itera
         return int((sizes * (sizes - 1) // 2).sum())
 
     predicted, true, both = pairs_within(cluster), pairs_within(truth), pairs_within(cluster, truth)
-    return {"pair_precision": both / predicted if predicted else float("nan"),
-            "pair_recall": both / true if true else float("nan"), "predicted_pairs": predicted, "true_pairs": true}
+    return {"pair_precision": both / predicted if predicted else None,
+            "pair_recall": both / true if true else None, "predicted_pairs": predicted, "true_pairs": true}
 
 
 def write_duplicates(out_uri: str, pairs: pd.DataFrame, clusters: pd.DataFrame, info: dict, overwrite: bool = False) -> dict:
@@ -269,7 +273,9 @@ def run_dedup(
     """The dedup job: all-items k-NN, pairs at or above the threshold, clusters, published at `out_uri`.
 
     With `calibrate=(group_of, precision)` the threshold is the lowest that reaches `precision` on the
-    labelled groups (item_id -> group_id), and the calibration is recorded in the manifest.
+    labelled groups (item_id -> group_id), and the calibration is recorded in the manifest; where no
+    threshold reaches it, the manifest's threshold is None and no pairs are published (a night's other
+    stages go on; the calibration records the best precision there was).
     A sanity gate like the index's recall gate: when the largest cluster holds more than
     `max_cluster_share` of the embedded items (collapsed embeddings, or a threshold far too low), it
     raises DedupSanityError and publishes nothing. Needs Ray initialised by the caller.
@@ -283,14 +289,15 @@ def run_dedup(
                                  num_actors=num_actors, threads_per_actor=threads_per_actor)
     info: dict[str, Any] = {"index": index_uri, "embeddings": embeddings_uri, "k": k}
     if calibrate is not None:
-        group_of, precision = calibrate
-        threshold, reached, kept = calibrate_threshold(pairs, group_of, precision)
-        info["calibration"] = {"target_precision": precision, "precision": reached, "pairs": kept}
+        info["calibration"] = calibrate_threshold(pairs, *calibrate)
+        # None: no cut reaches the precision; the job publishes no pairs (and says so) rather than failing
+        threshold = info["calibration"]["threshold"]
     # with calibration every candidate pair is kept, so every embedded item is in one (k >= 1)
     embedded = pd.unique(pairs[["item_id", "dup_item_id"]].to_numpy().ravel()) if calibrate is not None else None
-    pairs = pairs[pairs["score"] >= threshold].reset_index(drop=True)
+    pairs = (pairs[pairs["score"] >= threshold] if threshold is not None else pairs.iloc[:0]).reset_index(drop=True)
     clusters = cluster_pairs(pairs)
-    check_cluster_share(clusters, storage.read_manifest(index_uri)["n_vectors"], threshold, max_cluster_share)
+    if threshold is not None:
+        check_cluster_share(clusters, storage.read_manifest(index_uri)["n_vectors"], threshold, max_cluster_share)
     if calibrate is not None:  # how the clusters match the labelled groups
         info["cluster_quality"] = cluster_quality(clusters, calibrate[0], embedded)
     info["search_s"] = round(time.perf_counter() - start, 3)

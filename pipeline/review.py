@@ -113,7 +113,9 @@ def write_review(run_dir: str, report: dict[str, Any] | None = None, per_section
     if report is None:
         report_uri = storage.join(run_dir, "report.json")
         report = storage.read_json(report_uri) if storage.exists(report_uri) else {}
-    threshold = float(dup_m["threshold"])
+    # None: calibration reached its precision at no threshold and no pairs were published; the page then
+    # shows the highest-scoring pairs, all of them uncounted
+    threshold = float("inf") if dup_m["threshold"] is None else float(dup_m["threshold"])
 
     clusters, pairs = _clusters(dedup, per_section)
     above = pairs.sort_values("score", kind="stable").head(per_section)
@@ -157,9 +159,15 @@ def _pair_row(a: str, b: str, score: float, listings: dict) -> str:
 
 
 def _page(run_dir, report, emb_m, dup_m, bf_m, threshold, clusters, pairs, above, below, bands, listings) -> str:
+    if np.isfinite(threshold):
+        at = f"cosine >= {threshold:.4f}"
+    else:
+        cal = dup_m["calibration"]
+        at = (f"no threshold: none reaches precision {cal['target_precision']} on the labelled groups (best "
+              f"{cal['best_precision']:.3f}, at cosine >= {cal['best_threshold']:.4f})")
     counts = (f"rows in {emb_m['rows_in']:,} = embedded {emb_m['embedded']:,} + unchanged {emb_m['unchanged_skipped']:,} "
               f"+ rejected {emb_m['rejected']:,}; duplicates: {dup_m['n_pairs']:,} pairs in {dup_m['n_clusters']:,} "
-              f"clusters at cosine >= {threshold:.4f}; backfill: {bf_m.get('n_filled', 0):,} of "
+              f"clusters at {at}; backfill: {bf_m.get('n_filled', 0):,} of "
               f"{bf_m.get('n_unlabelled', 0):,} uncategorised rows filled")
     parts = [f"<h1>Review: {html.escape(report.get('run_date', run_dir))}</h1>",
              f'<p class="counts">{html.escape(counts)}</p>',
@@ -172,7 +180,7 @@ def _page(run_dir, report, emb_m, dup_m, bf_m, threshold, clusters, pairs, above
         more = f'<div class="more">+{len(members) - 12} more</div>' if len(members) > 12 else ""
         parts.append(f'<section class="cluster" data-size="{len(members)}"><h3>cluster {n + 1}: {len(members)} listings, '
                      f'{sims}</h3><div class="row">{cards}{more}</div></section>')
-    parts.append(f"<h2>At the threshold (cosine {threshold:.4f})</h2><h3>just above: counted as duplicates</h3>")
+    parts.append(f"<h2>At the threshold ({html.escape(at)})</h2><h3>just above: counted as duplicates</h3>")
     parts.append('<div class="pairs">' + ("".join(_pair_row(a, b, s, listings) for a, b, s in above) or "no pairs") + "</div>")
     parts.append("<h3>just below: not counted</h3>")
     parts.append('<div class="pairs">' + ("".join(_pair_row(a, b, s, listings) for a, b, s in below) or "no pairs") + "</div>")

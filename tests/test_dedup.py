@@ -79,11 +79,31 @@ def test_duplicate_groups_come_back_as_clusters(candidates, index_catalog):
 
 def test_calibrated_threshold_reaches_the_precision(candidates, index_catalog):
     group_of = pd.Series(index_catalog.group_id, index=index_catalog.item_ids)
-    threshold, precision, kept = calibrate_threshold(candidates, group_of, 0.9)
-    above = candidates[candidates["score"] >= threshold]
+    cal = calibrate_threshold(candidates, group_of, 0.9)
+    above = candidates[candidates["score"] >= cal["threshold"]]
     same = above["item_id"].map(group_of) == above["dup_item_id"].map(group_of)
-    assert len(above) == kept and same.mean() == precision >= 0.9
+    assert cal["reached"] and len(above) == cal["pairs"] and same.mean() == cal["precision"] >= 0.9
     assert same.sum() >= 0.95 * 3 * 150  # and it keeps nearly all 450 true pairs
+    assert cal["best_precision"] >= cal["precision"] and cal["best_threshold"] >= cal["threshold"]
+
+
+def test_a_precision_no_threshold_reaches_publishes_no_pairs_and_says_why(tmp_path, ivf_index_uri, embeddings_uri,
+                                                                        index_catalog):
+    """Labels the vectors cannot match (the groups shuffled): the job publishes no pairs instead of failing,
+    and the manifest and the output say what the best cut reached."""
+    shuffled = np.random.default_rng(0).permutation(np.asarray(index_catalog.group_id, dtype=object))
+    catalog_path = tmp_path / "catalog.parquet"
+    pd.DataFrame({"item_id": index_catalog.item_ids, "group_id": shuffled, "category": None}).to_parquet(catalog_path)
+    out = str(tmp_path / "dups")
+    args = ["dedup", ivf_index_uri, embeddings_uri, out, "--k", "5", "--catalog", str(catalog_path), "--calibrate-precision", "0.9"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "no threshold reaches precision 0.9" in result.output and "no pairs published" in result.output
+    manifest = storage.read_manifest(out)
+    cal = manifest["calibration"]
+    assert manifest["threshold"] is None and not cal["reached"] and cal["best_precision"] < 0.9
+    assert manifest["n_pairs"] == 0 and len(pq.read_table(f"{out}/duplicate_pairs")) == 0
+    assert manifest["cluster_quality"]["pair_recall"] == 0.0 and manifest["cluster_quality"]["pair_precision"] is None
 
 
 def test_dedup_cli_calibrates_and_publishes_pairs_and_clusters(tmp_path, ivf_index_uri, embeddings_uri, index_catalog):

@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -366,6 +367,33 @@ def test_review_page_shows_the_largest_clusters_with_their_photos(day1):
     assert shown == sizes and shown  # the largest clusters, largest first
     assert page.count('src="data:image/jpeg;base64,') >= 2 * len(shown)  # thumbnails embedded: no server needed
     assert "just above" in page and "just below" in page and "confidence" in page
+
+
+def test_a_night_whose_calibration_reaches_no_threshold_says_so_and_reviews_the_closest_pairs(day1, tmp_path):
+    """Labels the vectors cannot match (the groups shuffled): the dedup stage publishes no pairs instead of
+    failing the night; the report names the best precision there was, and the review page still shows the
+    highest-scoring pairs, none of them counted."""
+    from jobs.nightly import build_report, report_markdown
+    from pipeline.dedup import read_groups, run_dedup
+    from pipeline.review import write_review
+
+    config, report = day1
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(report["run_dir"], run_dir)
+    groups = read_groups(config.catalog)
+    shuffled = pd.Series(np.random.default_rng(0).permutation(groups.to_numpy(dtype=object)), index=groups.index)
+    dedup = os.path.join(run_dir, "dedup")
+    run_dedup(os.path.join(run_dir, "index"), os.path.join(run_dir, "embeddings"), dedup, None, 5, (shuffled, 0.9),
+              overwrite=True)
+    manifests = {stage: storage.read_manifest(os.path.join(run_dir, stage)) for stage in STAGES}
+    text = report_markdown(build_report(DAY1, run_dir, None, manifests, {}, []))
+    assert "duplicates: NONE PUBLISHED: no threshold reaches precision 0.9" in text, text
+    assert manifests["dedup"]["threshold"] is None and manifests["dedup"]["n_pairs"] == 0
+
+    page = open(write_review(run_dir, out_uri=str(tmp_path / "review.html"))).read()
+    assert "no threshold: none reaches precision 0.9" in page
+    below = page[page.index("just below"):page.index("Category backfill")]
+    assert below.count('class="pair"') >= 1  # the closest pairs, shown as not counted
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
