@@ -6,7 +6,7 @@ sizes, in one run.
 
 With --backfill the write step also writes a catalog of (item_id, category): the category of a vector is
 the nearest of 50 random directions, 10% of them null; the backfill step reads its labels and fills the
-nulls as the nightly job does (pipeline/backfill.py: `run_backfill`, whose task holds the labels and the index).
+nulls as the nightly job does (pipeline/backfill.py: `run_backfill`, a Ray Data job with one stage per index shard).
 
 For each size: the generated table (bench_index.generate) is written by one process, then the build and
 the all-pairs top-10 dedup each run in a fresh process (`--step`), so that the driver's peak RSS is

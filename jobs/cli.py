@@ -363,9 +363,11 @@ def dedup(index, embeddings, out, threshold, k, catalog, column_map, calibrate_p
               help="Catalog column names, e.g. id=sku,category=cat,group=product (keys as for embed).")
 @click.option("--eval-sample", type=click.IntRange(min=0), default=20_000, show_default=True, help="Labelled items in the leave-one-out evaluation (0: skip).")
 @click.option("--plot", is_flag=True, help="Also write OUT/precision_coverage.png.")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True, help="Actors per stage (each index shard's stage loads its one shard).")
+@click.option("--threads-per-actor", type=click.IntRange(min=1), help="FAISS threads per actor (default: FAISS's own, all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
 def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, category_col, column_map, eval_sample,
-                            plot, overwrite):
+                            plot, actors, threads_per_actor, overwrite):
     """Predict the category of CATALOG rows whose category is null from their labelled neighbours.
 
     Example: item-pipeline backfill-categories runs/index runs/emb catalog.parquet runs/backfill --min-confidence 0.7 --plot
@@ -379,7 +381,7 @@ def backfill_categories_cmd(index, embeddings, catalog, out, k, min_confidence, 
             columns = dataclasses.replace(columns, category=category_col)
         _init_ray()
         report = run_backfill(index, embeddings, catalog, out, columns, k, min_confidence, eval_sample,
-                              overwrite=overwrite, plot=plot)
+                              overwrite=overwrite, plot=plot, num_actors=actors, threads_per_actor=threads_per_actor)
     except USER_ERRORS as e:
         raise _fail(e) from e
     click.echo(f"published {out}: {report['n_filled']} filled, {report['n_unfilled']} left unfilled (confidence < {min_confidence}), "

@@ -1,13 +1,14 @@
 """Category backfill: a similarity-weighted vote of labelled neighbours for rows whose category is null.
 
-Output: a published directory `OUT/part-00000-<token>.parquet` with {item_id, predicted_category, confidence,
-n_neighbors} for every catalog row whose category was null and that has an embedding;
-predicted_category is null where confidence < min_confidence (left unfilled and counted, not guessed).
+Output: a published directory of `OUT/part-<batch hash>-<token>.parquet` files (one per batch of the job) with
+{item_id, predicted_category, confidence, n_neighbors} for every catalog row whose category was null and that has
+an embedding; predicted_category is null where confidence < min_confidence (left unfilled and counted, not
+guessed). The manifest is the job's report (counts, fill accuracy, leave-one-out curve).
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import time
 from typing import BinaryIO
 
@@ -19,10 +20,9 @@ import ray
 
 from pipeline import storage
 from pipeline.catalog import ColumnMap, check_label_columns, read_labels
-from pipeline.embedding_scan import read_vectors
-from pipeline.index import ShardedIndex
+from pipeline.dedup import shard_stages, top_k
 
-SEARCH_BATCH = 8192  # queries per FAISS call: large enough for BLAS, small enough to bound memory
+EVAL = "_eval"  # a query row of the leave-one-out sample (its own label hidden), not a row to fill
 CURVE_THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 
 OUT_SCHEMA = pa.schema(
@@ -50,33 +50,22 @@ def vote(neighbour_labels: np.ndarray, scores: np.ndarray, n_classes: int) -> tu
     return np.where(n_neighbors > 0, winner, -1), confidence, n_neighbors
 
 
-def predict(
-    index: ShardedIndex, query_ids: np.ndarray, vectors: np.ndarray, labels: pd.Series, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """k-NN vote for each query over its labelled neighbours, the query itself excluded.
+def predict(query_ids: np.ndarray, scores: np.ndarray, found: np.ndarray, code_of: pd.Series, classes: np.ndarray,
+            k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-NN vote of each query over its labelled neighbours, the query itself excluded.
 
-    `labels`: item_id -> category (null = unlabelled). Returns (category [Q] object, None when no labelled
-    neighbour; confidence [Q]; n_neighbors [Q]).
+    `scores`, `found` [Q, k + 1]: the query's k + 1 nearest (cosine, item_id; None where missing), so that
+    k are left once the query's own slot is dropped; `code_of`: labelled item_id -> class code into
+    `classes`. Returns (category [Q] object, None when no labelled neighbour; confidence [Q]; n_neighbors [Q]).
     """
-    known = labels.dropna()
-    known = known[~known.index.duplicated()]
-    codes, classes = pd.factorize(known)
-    code_of = pd.Series(codes, index=known.index)
-    preds, confs, counts = [], [], []
-    for start in range(0, len(vectors), SEARCH_BATCH):
-        scores, found = index.search(vectors[start : start + SEARCH_BATCH], k + 1)  # +1: the query finds itself
-        ids = query_ids[start : start + SEARCH_BATCH]
-        is_self = found == np.asarray(ids, dtype=object)[:, None]
-        neighbour_codes = code_of.reindex(found.ravel()).fillna(-1).to_numpy(dtype=np.int64).reshape(found.shape)
-        # keep k neighbours: drop the self slot, or the last one when the query was not found
-        keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(k + 1) < k)
-        winner, conf, n = vote(neighbour_codes[keep].reshape(-1, k), scores[keep].reshape(-1, k), len(classes))
-        preds.append(np.where(winner >= 0, np.asarray(classes, dtype=object)[np.maximum(winner, 0)], None))
-        confs.append(conf)
-        counts.append(n)
-    if not preds:
+    if not len(query_ids):
         return np.array([], dtype=object), np.array([]), np.array([], dtype=np.int64)
-    return np.concatenate(preds), np.concatenate(confs), np.concatenate(counts)
+    is_self = found == np.asarray(query_ids, dtype=object)[:, None]
+    codes = code_of.reindex(found.ravel()).fillna(-1).to_numpy(dtype=np.int64).reshape(found.shape)
+    # keep k neighbours: drop the self slot, or the last one when the query was not found
+    keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(k + 1) < k)
+    winner, conf, n = vote(codes[keep].reshape(-1, k), scores[keep].reshape(-1, k), len(classes))
+    return np.where(winner >= 0, np.asarray(classes, dtype=object)[np.maximum(winner, 0)], None), conf, n
 
 
 def precision_coverage(correct: np.ndarray, confidence: np.ndarray, thresholds: np.ndarray = CURVE_THRESHOLDS) -> list[dict]:
@@ -92,19 +81,6 @@ def precision_coverage(correct: np.ndarray, confidence: np.ndarray, thresholds: 
             }
         )
     return curve
-
-
-def leave_one_out_eval(index: ShardedIndex, ids: np.ndarray, vectors: np.ndarray, labels: pd.Series, k: int) -> dict:
-    """Hide each labelled item's own label (it is excluded from its neighbours) and predict it.
-
-    Returns {n, accuracy (every row, abstaining counts as wrong), curve [{threshold, coverage, precision}]}.
-    """
-    known = labels.reindex(ids)
-    rows = np.flatnonzero(known.notna().to_numpy())
-    pred, conf, _ = predict(index, ids[rows], vectors[rows], labels, k)
-    correct = pred == known.to_numpy(dtype=object)[rows]
-    return {"n": int(len(rows)), "accuracy": float(correct.mean()) if len(rows) else float("nan"),
-            "curve": precision_coverage(correct, conf)}
 
 
 def plot_curve(curve: list[dict], dest: str | BinaryIO, title: str) -> None:
@@ -128,100 +104,134 @@ def plot_curve(curve: list[dict], dest: str | BinaryIO, title: str) -> None:
     plt.close(fig)
 
 
-def backfill_categories(
-    index_uri: str,
-    embeddings_uri: str,
-    catalog: pd.DataFrame,
-    k: int = 10,
-    min_confidence: float = 0.5,
-    eval_sample: int = 20_000,
-    seed: int = 0,
-) -> tuple[pd.DataFrame, dict]:
-    """Predicted categories for the catalog rows with a null category; returns (rows, report).
+class BackfillQueries:
+    """Callable for `map_batches`, the job's first stage: keeps the embedding table's rows that are queries:
+    those whose category is null (to fill) and a seeded sample of up to `eval_sample` labelled rows (the
+    leave-one-out evaluation, marked in `_eval`). Holds the catalog's query ids, not its labels or vectors."""
 
-    The report counts rows filled / unfilled (under `min_confidence` or no labelled neighbour) / without an
-    embedding; with `true_category` in the catalog, the accuracy of the fills; and a leave-one-out
-    evaluation on up to `eval_sample` labelled items (accuracy and the precision/coverage curve).
-    """
-    index = ShardedIndex.load(index_uri)
-    labels = pd.Series(catalog["category"].to_numpy(dtype=object), index=catalog["item_id"])
-    unknown = catalog.loc[catalog["category"].isna(), "item_id"].to_numpy(dtype=object)
-    dim = storage.read_manifest(embeddings_uri)["dim"]
-    ids, vectors = read_vectors(embeddings_uri, unknown, dim)  # streamed: only these rows are held
-    pred, conf, n = predict(index, ids, vectors, labels, k)
-    filled = conf >= min_confidence
-    rows = pd.DataFrame(
-        {"item_id": ids, "predicted_category": np.where(filled, pred, None), "confidence": conf.astype(np.float32),
-         "n_neighbors": n.astype(np.int32)}
-    )
-    report = {
-        "k": k,
-        "min_confidence": min_confidence,
-        "n_unlabelled": int(len(unknown)),
-        "n_filled": int(rows["predicted_category"].notna().sum()),
-        "n_unfilled": int(rows["predicted_category"].isna().sum()),
-        "n_no_embedding": int(len(unknown) - len(ids)),
-    }
-    if "true_category" in catalog.columns:
-        truth = pd.Series(catalog["true_category"].to_numpy(dtype=object), index=catalog["item_id"]).reindex(ids).to_numpy(dtype=object)
-        got = rows["predicted_category"].notna().to_numpy()
-        report["fill_accuracy"] = float((rows["predicted_category"].to_numpy(dtype=object)[got] == truth[got]).mean()) if got.any() else None
-    labelled = catalog.loc[catalog["category"].notna(), "item_id"].to_numpy(dtype=object)
-    if eval_sample > 0 and len(labelled):
-        sample = np.random.default_rng(seed).permutation(labelled)[:eval_sample]
-        s_ids, s_vectors = read_vectors(embeddings_uri, sample, dim)
-        report["leave_one_out"] = leave_one_out_eval(index, s_ids, s_vectors, labels, k)
-    return rows, report
+    def __init__(self, catalog_uri: str, columns: ColumnMap, eval_sample: int, seed: int):
+        labels = read_labels(catalog_uri, columns)
+        ids, unknown = labels["item_id"].to_numpy(dtype=object), labels["category"].isna().to_numpy()
+        labelled = ids[~unknown]
+        chosen = np.random.default_rng(seed).choice(len(labelled), min(eval_sample, len(labelled)), replace=False)
+        self.fill, self.sample = pd.Index(ids[unknown]), pd.Index(labelled[np.sort(chosen)])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch["item_id"].to_numpy(zero_copy_only=False)
+        fill, sample = self.fill.get_indexer(ids) >= 0, self.sample.get_indexer(ids) >= 0
+        keep = fill | sample
+        return batch.select(["item_id", "embedding"]).filter(pa.array(keep)).append_column(EVAL, pa.array(sample[keep]))
+
+
+class BackfillVote:
+    """Callable for `map_batches`, the job's last stage: each query's vote over its labelled neighbours
+    (`_top_ids`, `_top_scores` from the shard stages, k + 1 of them); writes the batch's rows to fill as one
+    part file of the output's `stage` (named by the batch's ids, so a retried batch rewrites its own file)
+    and returns the batch's counts as one row (COUNTS). Holds the catalog's labels (item_id -> class code),
+    neither the index nor the table."""
+
+    def __init__(self, catalog_uri: str, columns: ColumnMap, stage: str, k: int, min_confidence: float):
+        labels = read_labels(catalog_uri, columns)
+        known = labels["category"].notna().to_numpy()
+        codes, self.classes = pd.factorize(labels["category"][known])
+        self.code_of = pd.Series(codes, index=pd.Index(labels["item_id"][known].to_numpy(dtype=object)))
+        self.truth = (pd.Series(labels["true_category"][~known].to_numpy(dtype=object), index=labels["item_id"][~known])
+                      if "true_category" in labels.columns else None)
+        self.stage, self.k, self.min_confidence = stage, k, min_confidence
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
+        is_eval = batch[EVAL].to_numpy(zero_copy_only=False).astype(bool)
+        pred, conf, n = predict(ids, *top_k(batch), self.code_of, self.classes, self.k)
+        fill = ~is_eval
+        filled = fill & (conf >= self.min_confidence)
+        if fill.any():
+            _write_part(self.stage, pa.table({"item_id": ids[fill], "predicted_category": np.where(filled, pred, None)[fill],
+                                  "confidence": conf[fill].astype(np.float32), "n_neighbors": n[fill].astype(np.int32)},
+                                 schema=OUT_SCHEMA))
+        counts = {"found": int(fill.sum()), "filled": int(filled.sum()), "fills_correct": -1}
+        if self.truth is not None:
+            counts["fills_correct"] = int((pred[filled] == self.truth.reindex(ids[filled]).to_numpy(dtype=object)).sum())
+        own = np.asarray(self.classes, dtype=object)[self.code_of.reindex(ids[is_eval]).to_numpy(dtype=np.int64)]
+        correct, e_conf = pred[is_eval] == own, conf[is_eval]
+        covered = e_conf[None, :] >= CURVE_THRESHOLDS[:, None]  # [thresholds, eval rows]
+        counts.update(eval=int(is_eval.sum()), eval_correct=int(correct.sum()), eval_covered=covered.sum(axis=1).tolist(),
+                      eval_covered_correct=(covered & correct[None, :]).sum(axis=1).tolist())
+        return pa.table({name: [value] for name, value in counts.items()})
+
+
+def _write_part(stage: str, rows: pa.Table) -> None:
+    """`rows` as one part file of the output's `stage`, named by its ids: a retried batch rewrites its own file."""
+    token = hashlib.blake2b("\n".join(rows["item_id"].to_pylist()).encode(), digest_size=8).hexdigest()
+    fs, path = storage.get_fs(storage.join(stage, storage.part_name(stage, f"part-{token}.parquet")))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(rows, f)
 
 
 def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri: str, columns: ColumnMap | None = None,
                  k: int = 10, min_confidence: float = 0.5, eval_sample: int = 20_000, seed: int = 0,
-                 overwrite: bool = False, plot: bool = False) -> dict:
-    """The backfill job: predict the null categories of the catalog at `catalog_uri` from the index and the
-    embedding table, publish them at `out_uri` (write_backfill); returns the manifest.
+                 overwrite: bool = False, plot: bool = False, num_actors: int = 1, threads_per_actor: int | None = None,
+                 batch_size: int = 8192) -> dict:
+    """The backfill job: predict the null categories of the catalog at `catalog_uri` by a k-NN vote over the
+    index, publish them at `out_uri` with the report as manifest; returns the manifest.
 
-    What grows with the catalog (its labels, the whole index, the unlabelled rows and their votes) is held
-    by one Ray task, not by the driver: on a cluster that task runs on a worker node with the memory for
-    the index, as a dedup actor does. Fails before the task starts, naming the fix, when the output is
-    already published, an input is not, or the catalog lacks its id or category column. Needs Ray
-    initialised by the caller."""
+    The report counts rows filled / unfilled (under `min_confidence` or no labelled neighbour) / without an
+    embedding; with `true_category` in the catalog, the accuracy of the fills; and a leave-one-out
+    evaluation on up to `eval_sample` labelled items (accuracy and the precision/coverage curve; with `plot`,
+    `precision_coverage.png`). A Ray Data job over the embedding table, read once: BackfillQueries keeps the
+    query rows, one stage per index shard finds their neighbours (dedup's ShardNeighbours: no process holds
+    more than one shard), BackfillVote votes and writes the output's parts; the driver sums the counts. No
+    process holds the table or the output; the two label stages hold the catalog's ids and labels. Fails
+    before any work, naming the fix, when the output is already published, an input is not, or the catalog
+    lacks its id or category column. Needs Ray initialised by the caller."""
     columns = columns or ColumnMap()
     storage.check_can_publish(out_uri, overwrite)
-    storage.read_manifest(index_uri)
+    n_shards = len(storage.read_manifest(index_uri)["shards"])
     storage.read_manifest(embeddings_uri)
     check_label_columns(catalog_uri, columns)
-    threads = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))  # FAISS's threads in the task
-    task = ray.remote(_backfill_task).options(num_cpus=1)
-    try:
-        manifest = ray.get(task.remote(index_uri, embeddings_uri, catalog_uri, out_uri, columns, k, min_confidence,
-                                       eval_sample, seed, overwrite, plot, threads))
-    except ray.exceptions.RayTaskError as e:  # the task's own error, not Ray's wrapper and remote traceback
-        raise e.cause from None
-    storage.forget_listings(out_uri)  # the task published it: this process's client listed it before
-    return manifest
-
-
-def _backfill_task(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri: str, columns: ColumnMap, k: int,
-                   min_confidence: float, eval_sample: int, seed: int, overwrite: bool, plot: bool, threads: int) -> dict:
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    rows, report = backfill_categories(index_uri, embeddings_uri, read_labels(catalog_uri, columns), k,
-                                       min_confidence, eval_sample, seed)
-    return write_backfill(out_uri, rows, report, overwrite=overwrite, plot=plot)
-
-
-def write_backfill(out_uri: str, rows: pd.DataFrame, report: dict, overwrite: bool = False, plot: bool = False) -> dict:
-    """Publish the backfill rows with the report as manifest; with `plot`, also `precision_coverage.png`."""
-    storage.check_can_publish(out_uri, overwrite)
-    manifest = {**report, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    n_unlabelled = ray.get(ray.remote(_count_unlabelled).remote(catalog_uri, columns))
+    fs, _ = storage.get_fs(embeddings_uri)
     with storage.staging(out_uri) as stage:
-        fs, path = storage.get_fs(storage.join(stage, storage.part_name(stage, "part-00000.parquet")))
-        with fs.open(path, "wb") as f:
-            pq.write_table(pa.Table.from_pandas(rows, schema=OUT_SCHEMA, preserve_index=False), f)
+        ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs, columns=["item_id", "embedding"])
+        pool = dict(batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors))
+        # the actor stages share one Ray CPU (see dedup.shard_stages): the rest is the read tasks'
+        ds = ds.map_batches(BackfillQueries, fn_constructor_args=(catalog_uri, columns, eval_sample, seed),
+                            num_cpus=1 / (n_shards + 2), **pool)
+        ds = shard_stages(ds, index_uri, k + 1, num_actors, threads_per_actor, batch_size,  # k + 1: it finds itself
+                          cpus=n_shards / (n_shards + 2))
+        ds = ds.map_batches(BackfillVote, fn_constructor_args=(catalog_uri, columns, stage, k, min_confidence),
+                            num_cpus=1 / (n_shards + 2), **pool)
+        report = _report(pd.DataFrame(ds.take_all()), n_unlabelled, k, min_confidence)
+        if report["n_filled"] + report["n_unfilled"] == 0:  # no part written: an empty one keeps the schema
+            _write_part(stage, OUT_SCHEMA.empty_table())
+        storage.forget_listings(stage)  # the actors wrote there: this process's client may have listed it before
         if plot and "leave_one_out" in report:
             png = storage.join(stage, "precision_coverage.png")
             with storage.get_fs(png)[0].open(storage.get_fs(png)[1], "wb") as f:
                 plot_curve(report["leave_one_out"]["curve"], f, "category backfill, leave-one-out")
-        manifest = storage.publish(stage, out_uri, manifest, overwrite=overwrite)
-    return manifest
+        manifest = {**report, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return storage.publish(stage, out_uri, manifest, overwrite=overwrite)
+
+
+def _count_unlabelled(catalog_uri: str, columns: ColumnMap) -> int:
+    """Catalog rows (the embed stage's id rule) whose category is null: run in a task, not the driver."""
+    return int(read_labels(catalog_uri, columns)["category"].isna().sum())
+
+
+def _report(counts: pd.DataFrame, n_unlabelled: int, k: int, min_confidence: float) -> dict:
+    """The job's report from the vote stage's per-batch counts."""
+    total = counts.drop(columns=["eval_covered", "eval_covered_correct"]).sum() if len(counts) else pd.Series(dtype=int)
+    found, filled = int(total.get("found", 0)), int(total.get("filled", 0))
+    report = {"k": k, "min_confidence": min_confidence, "n_unlabelled": n_unlabelled, "n_filled": filled,
+              "n_unfilled": found - filled, "n_no_embedding": n_unlabelled - found}
+    if len(counts) and (counts["fills_correct"] >= 0).all():
+        report["fill_accuracy"] = int(total["fills_correct"]) / filled if filled else None
+    n_eval = int(total.get("eval", 0))
+    if n_eval:
+        covered = np.sum(counts["eval_covered"].tolist(), axis=0)
+        correct = np.sum(counts["eval_covered_correct"].tolist(), axis=0)
+        report["leave_one_out"] = {"n": n_eval, "accuracy": int(total["eval_correct"]) / n_eval, "curve": [
+            {"threshold": float(t), "coverage": float(c / n_eval), "precision": float(r / c) if c else float("nan")}
+            for t, c, r in zip(CURVE_THRESHOLDS, covered, correct)]}
+    return report

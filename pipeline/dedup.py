@@ -69,12 +69,33 @@ class ShardNeighbours:
         return batch.append_column(TOP_IDS, _lists(ids, pa.string())).append_column(TOP_SCORES, _lists(scores))
 
 
+def shard_stages(ds: ray.data.Dataset, index_uri: str, k: int, num_actors: int = 1, threads_per_actor: int | None = None,
+                 batch_size: int = 8192, cpus: float = 1.0) -> ray.data.Dataset:
+    """`ds` (item_id, embedding, ...) through one ShardNeighbours stage per index shard, a pool of `num_actors`
+    actors each: every batch of `batch_size` rows leaves with its top-`k` over the whole index (`_top_ids`,
+    `_top_scores`; read them with `top_k`). The stages of one pipeline share `cpus` Ray CPUs, even when FAISS
+    runs more threads: reserving all cores for the actors would leave none for the read tasks that feed
+    them, and the job would wait forever."""
+    n_shards = len(storage.read_manifest(index_uri)["shards"])
+    for shard in range(n_shards):
+        ds = ds.map_batches(ShardNeighbours, fn_constructor_args=(index_uri, shard, k, threads_per_actor),
+                            batch_format="pyarrow", batch_size=batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus / n_shards)
+    return ds
+
+
+def top_k(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's top-k from `shard_stages`: (scores [B, k], -inf where missing; item ids [B, k] object, None
+    where missing)."""
+    return _matrix(batch[TOP_SCORES]), _matrix(batch[TOP_IDS])
+
+
 def neighbour_pairs(batch: pa.Table, threshold: float) -> pa.Table:
     """(item_id, dup_item_id, score) for every neighbour in a batch's top-k (self excluded) scoring >=
     `threshold`, ordered so item_id < dup_item_id. A pair found from both sides appears twice here;
     `find_duplicate_pairs` keeps one."""
     ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
-    scores, found = _matrix(batch[TOP_SCORES]), _matrix(batch[TOP_IDS])
+    scores, found = top_k(batch)
     query = np.repeat(ids, scores.shape[1]).reshape(scores.shape)
     keep = (scores >= threshold) & (found != query) & (found != None)  # noqa: E711 (elementwise)
     a, b = query[keep], found[keep]
@@ -105,25 +126,13 @@ def find_duplicate_pairs(
     """All pairs among the k nearest neighbours of every item scoring >= `threshold`, each unordered pair once.
 
     A Ray Data job over the embedding table; needs Ray initialised by the caller. The table is read once and
-    each batch of `batch_size` items passes through one stage per index shard (`ShardNeighbours`, a pool of
-    `num_actors` actors each), then becomes pairs in a task: no process holds more than one shard.
+    each batch of `batch_size` items passes through one stage per index shard (`shard_stages`), then becomes
+    pairs in a task: no process holds more than one shard.
     """
     storage.read_manifest(embeddings_uri)  # fail now, not in an actor, when the table is not published
-    n_shards = len(storage.read_manifest(index_uri)["shards"])
     fs, _ = storage.get_fs(embeddings_uri)
     ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs).select_columns(["item_id", "embedding"])
-    for shard in range(n_shards):
-        ds = ds.map_batches(
-            ShardNeighbours,
-            fn_constructor_args=(index_uri, shard, k + 1, threads_per_actor),  # k + 1: the item finds itself
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            # the shards' stages of one search pipeline share one Ray CPU, even when FAISS runs more threads:
-            # reserving all cores for the actors would leave none for the read tasks that feed them, and the
-            # job would wait forever
-            num_cpus=1 / n_shards,
-        )
+    ds = shard_stages(ds, index_uri, k + 1, num_actors, threads_per_actor, batch_size)  # k + 1: the item finds itself
     pairs = ds.map_batches(neighbour_pairs, fn_args=(threshold,), batch_format="pyarrow")
     blocks = [t.cast(PAIRS_SCHEMA) for t in ray.get(pairs.to_arrow_refs())]
     frame = pa.concat_tables([PAIRS_SCHEMA.empty_table(), *blocks]).to_pandas()
