@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
-from pipeline.catalog import ColumnMap, check_label_columns, read_labels
+from pipeline.catalog import NO_LABEL, ColumnMap, check_label_columns, read_label_index
 from pipeline.dedup import shard_stages, top_k
 
 EVAL = "_eval"  # a query row of the leave-one-out sample (its own label hidden), not a row to fill
@@ -38,6 +38,8 @@ def vote(neighbour_labels: np.ndarray, scores: np.ndarray, n_classes: int) -> tu
     weight / total weight; n_neighbors [Q] = labelled neighbours counted).
     """
     labelled = neighbour_labels >= 0
+    if n_classes == 0:  # a catalog without a single label: nothing to vote for
+        return np.full(len(scores), -1), np.zeros(len(scores)), np.zeros(len(scores), dtype=np.int64)
     weights = np.where(labelled, np.clip(np.nan_to_num(scores, nan=0.0), 0.0, None), 0.0)
     totals = np.zeros((len(scores), n_classes + 1))  # last column absorbs unlabelled slots
     rows = np.repeat(np.arange(len(scores)), scores.shape[1])
@@ -50,22 +52,22 @@ def vote(neighbour_labels: np.ndarray, scores: np.ndarray, n_classes: int) -> tu
     return np.where(n_neighbors > 0, winner, -1), confidence, n_neighbors
 
 
-def predict(query_ids: np.ndarray, scores: np.ndarray, found: np.ndarray, code_of: pd.Series, classes: np.ndarray,
+def predict(query_ids: np.ndarray, scores: np.ndarray, found: np.ndarray, codes: np.ndarray, classes: np.ndarray,
             k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-NN vote of each query over its labelled neighbours, the query itself excluded.
 
     `scores`, `found` [Q, k + 1]: the query's k + 1 nearest (cosine, item_id; None where missing), so that
-    k are left once the query's own slot is dropped; `code_of`: labelled item_id -> class code into
-    `classes`. Returns (category [Q] object, None when no labelled neighbour; confidence [Q]; n_neighbors [Q]).
+    k are left once the query's own slot is dropped; `codes` [Q, k + 1]: the neighbours' class codes into
+    `classes` (negative: no label). Returns (category [Q] object, None when no labelled neighbour;
+    confidence [Q]; n_neighbors [Q]).
     """
     if not len(query_ids):
         return np.array([], dtype=object), np.array([]), np.array([], dtype=np.int64)
     is_self = found == np.asarray(query_ids, dtype=object)[:, None]
-    codes = code_of.reindex(found.ravel()).fillna(-1).to_numpy(dtype=np.int64).reshape(found.shape)
     # keep k neighbours: drop the self slot, or the last one when the query was not found
     keep = np.where(is_self.any(axis=1, keepdims=True), ~is_self, np.arange(k + 1) < k)
     winner, conf, n = vote(codes[keep].reshape(-1, k), scores[keep].reshape(-1, k), len(classes))
-    return np.where(winner >= 0, np.asarray(classes, dtype=object)[np.maximum(winner, 0)], None), conf, n
+    return _names(np.asarray(classes, dtype=object), winner), conf, n
 
 
 def precision_coverage(correct: np.ndarray, confidence: np.ndarray, thresholds: np.ndarray = CURVE_THRESHOLDS) -> list[dict]:
@@ -107,18 +109,19 @@ def plot_curve(curve: list[dict], dest: str | BinaryIO, title: str) -> None:
 class BackfillQueries:
     """Callable for `map_batches`, the job's first stage: keeps the embedding table's rows that are queries:
     those whose category is null (to fill) and a seeded sample of up to `eval_sample` labelled rows (the
-    leave-one-out evaluation, marked in `_eval`). Holds the catalog's query ids, not its labels or vectors."""
+    leave-one-out evaluation, marked in `_eval`). Holds the catalog's LabelIndex (16 bytes a listing)."""
 
     def __init__(self, catalog_uri: str, columns: ColumnMap, eval_sample: int, seed: int):
-        labels = read_labels(catalog_uri, columns)
-        ids, unknown = labels["item_id"].to_numpy(dtype=object), labels["category"].isna().to_numpy()
-        labelled = ids[~unknown]
+        self.labels = read_label_index(catalog_uri, columns)
+        labelled = np.flatnonzero(self.labels.labels[:, 0] >= 0)
         chosen = np.random.default_rng(seed).choice(len(labelled), min(eval_sample, len(labelled)), replace=False)
-        self.fill, self.sample = pd.Index(ids[unknown]), pd.Index(labelled[np.sort(chosen)])
+        self.sample = np.sort(labelled[chosen])  # rows of the LabelIndex
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch["item_id"].to_numpy(zero_copy_only=False)
-        fill, sample = self.fill.get_indexer(ids) >= 0, self.sample.get_indexer(ids) >= 0
+        ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
+        _, rows = self.labels.find(ids)
+        fill = self.labels.lookup(ids)[:, 0] == NO_LABEL
+        sample = (rows >= 0) & np.isin(rows, self.sample)
         keep = fill | sample
         return batch.select(["item_id", "embedding"]).filter(pa.array(keep)).append_column(EVAL, pa.array(sample[keep]))
 
@@ -127,37 +130,42 @@ class BackfillVote:
     """Callable for `map_batches`, the job's last stage: each query's vote over its labelled neighbours
     (`_top_ids`, `_top_scores` from the shard stages, k + 1 of them); writes the batch's rows to fill as one
     part file of the output's `stage` (named by the batch's ids, so a retried batch rewrites its own file)
-    and returns the batch's counts as one row (COUNTS). Holds the catalog's labels (item_id -> class code),
-    neither the index nor the table."""
+    and returns the batch's counts as one row. Holds the catalog's LabelIndex, neither the index nor the
+    table."""
 
     def __init__(self, catalog_uri: str, columns: ColumnMap, stage: str, k: int, min_confidence: float):
-        labels = read_labels(catalog_uri, columns)
-        known = labels["category"].notna().to_numpy()
-        codes, self.classes = pd.factorize(labels["category"][known])
-        self.code_of = pd.Series(codes, index=pd.Index(labels["item_id"][known].to_numpy(dtype=object)))
-        self.truth = (pd.Series(labels["true_category"][~known].to_numpy(dtype=object), index=labels["item_id"][~known])
-                      if "true_category" in labels.columns else None)
+        self.labels = read_label_index(catalog_uri, columns)
         self.stage, self.k, self.min_confidence = stage, k, min_confidence
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
         is_eval = batch[EVAL].to_numpy(zero_copy_only=False).astype(bool)
-        pred, conf, n = predict(ids, *top_k(batch), self.code_of, self.classes, self.k)
+        scores, found = top_k(batch)
+        codes = self.labels.lookup(found.ravel())[:, 0].reshape(found.shape)
+        classes = self.labels.classes
+        pred, conf, n = predict(ids, scores, found, codes, classes, self.k)
         fill = ~is_eval
         filled = fill & (conf >= self.min_confidence)
         if fill.any():
-            _write_part(self.stage, pa.table({"item_id": ids[fill], "predicted_category": np.where(filled, pred, None)[fill],
-                                  "confidence": conf[fill].astype(np.float32), "n_neighbors": n[fill].astype(np.int32)},
-                                 schema=OUT_SCHEMA))
+            _write_part(self.stage, pa.table({
+                "item_id": ids[fill], "predicted_category": np.where(filled, pred, None)[fill],
+                "confidence": conf[fill].astype(np.float32), "n_neighbors": n[fill].astype(np.int32)}, schema=OUT_SCHEMA))
+        own = self.labels.lookup(ids)  # [B, 1 or 2]: category, true_category
         counts = {"found": int(fill.sum()), "filled": int(filled.sum()), "fills_correct": -1}
-        if self.truth is not None:
-            counts["fills_correct"] = int((pred[filled] == self.truth.reindex(ids[filled]).to_numpy(dtype=object)).sum())
-        own = np.asarray(self.classes, dtype=object)[self.code_of.reindex(ids[is_eval]).to_numpy(dtype=np.int64)]
-        correct, e_conf = pred[is_eval] == own, conf[is_eval]
+        if own.shape[1] == 2:  # the catalog has true_category
+            counts["fills_correct"] = int((pred[filled] == _names(classes, own[filled, 1])).sum())
+        correct, e_conf = pred[is_eval] == _names(classes, own[is_eval, 0]), conf[is_eval]
         covered = e_conf[None, :] >= CURVE_THRESHOLDS[:, None]  # [thresholds, eval rows]
         counts.update(eval=int(is_eval.sum()), eval_correct=int(correct.sum()), eval_covered=covered.sum(axis=1).tolist(),
                       eval_covered_correct=(covered & correct[None, :]).sum(axis=1).tolist())
-        return pa.table({name: [value] for name, value in counts.items()})
+        return pa.table({key: [value] for key, value in counts.items()})
+
+
+def _names(classes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """[n] object: the class of each code, None where the code is negative (no label)."""
+    out = np.full(len(codes), None, dtype=object)
+    out[codes >= 0] = classes[codes[codes >= 0]]
+    return out
 
 
 def _write_part(stage: str, rows: pa.Table) -> None:
@@ -216,7 +224,8 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
 
 def _count_unlabelled(catalog_uri: str, columns: ColumnMap) -> int:
     """Catalog rows (the embed stage's id rule) whose category is null: run in a task, not the driver."""
-    return int(read_labels(catalog_uri, columns)["category"].isna().sum())
+    labels = read_label_index(catalog_uri, columns)
+    return int((labels.labels[:, 0] == NO_LABEL).sum()) + sum(int(c[0] == NO_LABEL) for c in labels.exact.values())
 
 
 def _report(counts: pd.DataFrame, n_unlabelled: int, k: int, min_confidence: float) -> dict:

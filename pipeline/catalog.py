@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -190,6 +191,103 @@ def read_labels(uri: str, columns: ColumnMap) -> "pd.DataFrame":
     frame = pa.table({role: id_as_string(table.column(name)) if role in ("item_id", "group_id") else table.column(name)
                       for role, name in present.items()}).to_pandas()
     return frame[frame["item_id"].notna()].drop_duplicates("item_id", keep="first").reset_index(drop=True)
+
+
+NOT_IN_CATALOG, NO_LABEL = -2, -1  # LabelIndex label codes that are not a class
+
+
+def id_hash(ids: pa.Array | np.ndarray, seed: int = 0, bits: int = 64) -> np.ndarray:
+    """[n] uint64: a seeded 64-bit hash of each string id (polars'; the same in every process of one
+    installation), truncated to `bits` (tests force collisions with few bits)."""
+    import polars as pl
+
+    h = pl.Series(ids, dtype=pl.String).hash(seed=seed).to_numpy().astype(np.uint64)
+    return h if bits >= 64 else h & np.uint64((1 << bits) - 1)
+
+
+@dataclasses.dataclass
+class LabelIndex:
+    """A catalog's labels keyed by item id, compact enough to hold for 100M listings: every id the embed
+    stage keeps (read_labels' id rule) as a 64-bit hash, sorted, with its labels' class codes (`category`,
+    and `true_category` where the catalog has it; NO_LABEL where null): 12-16 bytes a listing, no Python
+    strings. The rare ids whose hash another id shares are kept by string in `exact`. Exact for the
+    catalog's ids; an id the catalog lacks reads as NOT_IN_CATALOG unless its hash is a catalog id's
+    (odds n / 2^64). Build it with `read_label_index`."""
+
+    hashes: np.ndarray  # [n] uint64, sorted, unique
+    labels: np.ndarray  # [n, L] int32 class codes: column 0 category, column 1 true_category (when present)
+    classes: np.ndarray  # [c] object: class code -> label string
+    exact: dict[str, np.ndarray]  # id -> [L] codes, for the ids whose hash collides
+    collided: np.ndarray  # sorted uint64: the hashes of the ids in `exact`
+    bits: int = 64
+
+    def find(self, ids: pa.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hashes [n], row in `hashes` / `labels` [n], -1 where the id is absent, null or in `exact`)."""
+        h = id_hash(ids, bits=self.bits)
+        if not len(self.hashes):
+            return h, np.full(len(h), -1)
+        at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+        valid = pc.is_valid(pa.array(ids, pa.string())).to_numpy(zero_copy_only=False)
+        return h, np.where((self.hashes[at] == h) & valid, at, -1)
+
+    def lookup(self, ids: pa.Array | np.ndarray) -> np.ndarray:
+        """[n, L] class codes of `ids`: NOT_IN_CATALOG for an id the catalog lacks (or a null id)."""
+        h, rows = self.find(ids)
+        out = np.where(rows[:, None] >= 0, self.labels[np.maximum(rows, 0)] if len(self.labels) else 0,
+                       NOT_IN_CATALOG).astype(np.int32)
+        for i in np.flatnonzero(np.isin(h, self.collided)):
+            key = ids[i].as_py() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids[i]
+            out[i] = self.exact.get(key, NOT_IN_CATALOG)
+        return out
+
+
+def read_label_index(uri: str, columns: ColumnMap, bits: int = 64) -> LabelIndex:
+    """The catalog's LabelIndex, read batch by batch (the id and label columns only; no batch is kept as
+    strings): the memory is the index's 12-16 bytes a listing, plus a batch and the sort's temporaries."""
+    dataset = check_label_columns(uri, columns)
+    label_columns = [columns.category] + (["true_category"] if "true_category" in dataset.schema.names else [])
+    classes: dict[str, int] = {}
+    h1s, h2s, labels = [], [], []
+    for ids, codes in _label_batches(dataset, columns.item_id, label_columns, classes):
+        h1s.append(id_hash(ids, bits=bits))
+        h2s.append(id_hash(ids, seed=1))
+        labels.append(codes)
+    h1 = np.concatenate([np.array([], np.uint64), *h1s])
+    h2 = np.concatenate([np.array([], np.uint64), *h2s])
+    codes = np.concatenate([np.zeros((0, len(label_columns)), np.int32), *labels])
+    order = np.lexsort((np.arange(len(h1)), h2, h1))  # by hash; a repeated id's first occurrence first
+    h1, h2, codes = h1[order], h2[order], codes[order]
+    first = np.r_[True, (h1[1:] != h1[:-1]) | (h2[1:] != h2[:-1])]  # both hashes equal: a repeat of the id
+    h1, codes = h1[first], codes[first]
+    same = h1[1:] == h1[:-1]
+    shared = np.r_[same, False] | np.r_[False, same]  # two different ids, one hash
+    collided = np.unique(h1[shared])
+    exact = {}
+    if len(collided):  # rare: read the ids again for these hashes only
+        for ids, batch_codes in _label_batches(dataset, columns.item_id, label_columns, classes):
+            for i in np.flatnonzero(np.isin(id_hash(ids, bits=bits), collided)):
+                exact.setdefault(ids[i].as_py(), batch_codes[i])
+    names = np.empty(len(classes), dtype=object)
+    names[list(classes.values())] = list(classes)
+    return LabelIndex(h1[~shared], codes[~shared], names, exact, collided, bits)
+
+
+def _label_batches(dataset: pds.Dataset, id_column: str, label_columns: list[str],
+                   classes: dict[str, int]) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """(string ids [n], label class codes [n, L]) of each batch, nulls ids dropped, in the id rule's order
+    (sorted files, then row order); `classes` grows with each label string seen."""
+    for fragment in dataset.get_fragments():
+        for batch in fragment.to_batches(columns=[id_column, *label_columns]):
+            ids = id_as_string(batch.column(0))
+            valid = pc.is_valid(ids)
+            codes = np.empty((batch.num_rows, len(label_columns)), np.int32)
+            for j, column in enumerate(batch.columns[1:]):
+                encoded = pc.dictionary_encode(column).combine_chunks() if isinstance(column, pa.ChunkedArray) \
+                    else pc.dictionary_encode(column)
+                lookup = np.array([classes.setdefault(v, len(classes)) for v in encoded.dictionary.to_pylist()] + [NO_LABEL],
+                                  dtype=np.int32)
+                codes[:, j] = lookup[encoded.indices.fill_null(len(lookup) - 1).to_numpy()]
+            yield ids.filter(valid), codes[valid.to_numpy(zero_copy_only=False)]
 
 
 def duplicate_ids(*parts: pa.Table) -> set[str]:

@@ -34,10 +34,11 @@ def test_predict_never_uses_the_items_own_label():
     flat.add(vectors)
     ids = np.array(["a1", "a2", "b1", "b2"], dtype=object)
     index = ShardedIndex([IndexShard("shard-00000.faiss", flat, ids)], dim=4)
-    labels = pd.Series(["x", "y", "z", None], index=ids)  # each item's own label differs from its twin's
-    codes, classes = pd.factorize(labels.dropna())
+    classes = np.array(["x", "y", "z"], dtype=object)
+    code_of = {"a1": 0, "a2": 1, "b1": 2, "b2": -1}  # each item's own label differs from its twin's; b2 has none
     scores, found = index.search(vectors, 2)  # k + 1: each item finds itself
-    pred, confidence, n = predict(ids, scores, found, pd.Series(codes, index=labels.dropna().index), classes, k=1)
+    codes = np.vectorize(code_of.get)(found)
+    pred, confidence, n = predict(ids, scores, found, codes, classes, k=1)
     assert pred.tolist() == ["y", "x", None, "z"] and n.tolist() == [1, 1, 0, 1]
 
 
@@ -91,9 +92,9 @@ def test_the_job_publishes_what_a_vote_over_the_whole_index_gives(backfilled, iv
     hidden = labelled_catalog["category"].isna().to_numpy()
     ids, vectors = np.asarray(index_catalog.item_ids, dtype=object)[hidden], index_catalog.vectors[hidden]
     scores, found = ShardedIndex.load(ivf_index_uri).search(vectors, 11)
-    known = labelled_catalog.dropna(subset=["category"])
-    codes, classes = pd.factorize(known["category"])
-    pred, conf, n = predict(ids, scores, found, pd.Series(codes, index=known["item_id"].to_numpy(dtype=object)), classes, 10)
+    codes, classes = pd.factorize(labelled_catalog["category"])  # -1 where null
+    code_of = dict(zip(labelled_catalog["item_id"], codes))
+    pred, conf, n = predict(ids, scores, found, np.vectorize(code_of.get)(found), classes, 10)
     expected = pd.DataFrame({"item_id": ids, "predicted_category": np.where(conf >= 0.6, pred, None),
                              "confidence": conf.astype(np.float32), "n_neighbors": n.astype(np.int32)})
     got = rows.sort_values("item_id").reset_index(drop=True)

@@ -96,3 +96,31 @@ def test_content_hash_is_stable_and_separates_fields() -> None:
     assert content_hash("ab", b"c") != content_hash("a", b"bc")  # no collision by concatenation
     assert content_hash("a", None) != content_hash("a", b"")  # missing image differs from zero bytes
     assert content_hash(None, None) == content_hash("", None)  # null title is the empty title
+
+
+@pytest.mark.parametrize("bits", [64, 6])
+def test_the_label_index_answers_as_read_labels_does_for_every_id(tmp_path, bits):
+    """Two files of integer ids with a null and repeats (the first occurrence's labels win), null
+    categories and a true_category; with 6-bit hashes nearly every id shares its hash and is kept exactly."""
+    from pipeline.catalog import NO_LABEL, NOT_IN_CATALOG, read_label_index, read_labels
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "cat").mkdir()
+    for f in range(2):
+        ids = rng.integers(0, 300, 200).tolist() + [None]
+        cats = [None if rng.random() < 0.2 else f"c{rng.integers(5)}" for _ in ids]
+        truth = [c or f"c{rng.integers(5)}" for c in cats]
+        pq.write_table(pa.table({"sku": pa.array(ids, pa.int64()), "category": cats, "true_category": truth}),
+                       tmp_path / "cat" / f"part-{f}.parquet", row_group_size=64)
+    uri = str(tmp_path / "cat")
+    columns = ColumnMap.parse("id=sku")
+    index, labels = read_label_index(uri, columns, bits=bits), read_labels(uri, columns)
+    codes = index.lookup(labels["item_id"].to_numpy(dtype=object))
+    names = [[None if c == NO_LABEL else index.classes[c] for c in column] for column in codes.T]
+    assert names[0] == [None if v is None or v != v else v for v in labels["category"]]
+    assert names[1] == labels["true_category"].tolist()
+    assert len(index.hashes) + len(index.exact) == len(labels)
+    assert (len(index.exact) > 100) == (bits == 6)
+    assert (index.lookup(np.array([None], dtype=object)) == NOT_IN_CATALOG).all()
+    if bits == 64:
+        assert (index.lookup(np.array(["not-an-id"], dtype=object)) == NOT_IN_CATALOG).all()
