@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-col", default="articleType", help="Leaf category column of the catalog.")
     p.add_argument("--seed", type=int, default=0, help="Seeds model init, masking, the subsets and the queries.")
     p.add_argument("--gpu", action="store_true", help="Pretrain on one GPU and embed the trained models on it.")
+    p.add_argument("--whiten", type=int, nargs="*", default=[], metavar="DIMS",
+                   help="Also evaluate each --same-weights variant whitened (PCA whitening of its uncentred vectors "
+                        "fitted on 2,048 pretraining rows), keeping DIMS principal directions (0: all); repeatable.")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.same_weights = [v for v in args.same_weights.split(",") if v]
@@ -229,6 +232,38 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str], device:
     return out
 
 
+def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list[int], train_catalog: str,
+                       device: str = "cpu", fit_rows: int = 2048) -> dict:
+    """PCA-whitened vectors of the same weights (BERT-whitening, Su et al. 2021), an inference-time choice
+    measured before it is built in: the uncentred vectors of the first `fit_rows` pretraining rows give a
+    mean and a covariance; a vector becomes (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping
+    each of `dims` leading directions (0: all)."""
+    from item_model import load_model_dir
+    from pipeline.encode import Encoder
+    from pipeline.eval_embedders import loaded_model_embedder
+
+    fit = pq.read_table(train_catalog, columns=["title", "image"]).slice(0, fit_rows)
+    out = {}
+    for variant in [v for v in variants if v in trained and dims]:
+        model, processor = load_model_dir(trained[variant]["dir"])
+        model.embedding_center.zero_()
+        raw = loaded_model_embedder(Encoder.of(model, device), processor)
+        e = raw(fit.column("title").to_pylist(), fit.column("image").to_pylist()).astype(np.float64)
+        mean = e.mean(0)
+        values, vectors = np.linalg.eigh(np.cov((e - mean).T))
+        values, vectors = values[::-1], vectors[:, ::-1]
+        for k in dims:
+            k = k or len(values)
+            w = vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0]))
+
+            def embed(titles, images, raw=raw, mean=mean, w=w):
+                x = (raw(titles, images) - mean) @ w
+                return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+            out[f"{variant} (whitened, {k} dims)"] = embed
+    return out
+
+
 def check_device(gpu: bool) -> str:
     """The torch device the trained models use: "cuda" with --gpu, failing before any work when torch sees
     no CUDA device."""
@@ -284,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     images = table.column(options.image_col).to_pylist()
     embedders = {v: model_embedder(t["dir"], batch_size=64, device=device) for v, t in trained.items()}
     embedders.update(same_weight_embedders(trained, args.same_weights, device))
+    embedders.update(whitened_embedders(trained, args.same_weights, args.whiten, catalog, device))
     embedders.update(baseline_embedders([r for r in args.references.split(",") if r], titles))
     results = evaluate(table, embedders, options)
     phases["evaluate"] = time.perf_counter() - t0
