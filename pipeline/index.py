@@ -25,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -333,6 +334,7 @@ class ShardedIndex:
     def __init__(self, shards: list[IndexShard], dim: int, search_params: dict[str, int] | None = None):
         self.shards = shards
         self.dim = dim
+        self.search_s = 0.0
         self._bases = np.cumsum([0] + [s.index.ntotal for s in shards[:-1]]).astype(np.int64)
         self._item_ids = np.concatenate([s.item_ids for s in shards]) if shards else np.zeros(0, dtype=object)
         self.search_params: dict[str, int] = {}
@@ -392,6 +394,7 @@ class ShardedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
+        start = time.perf_counter()
         if coarse is None:
             coarse = self.coarse_assignment(queries)
         # FAISS's own result merge: a min-heap of the k best per query over every shard's top-k, on global
@@ -402,23 +405,46 @@ class ShardedIndex:
             row = np.searchsorted(shard.faiss_ids, i)  # faiss id -> row of the shard's id map
             heap.add_result(d, np.where(i < 0, -1, row + base))
         heap.finalize()
+        self.search_s = time.perf_counter() - start  # as ShardByShard.search_s: the last search's time
         found = heap.I >= 0
         ids = np.full(heap.I.shape, None, dtype=object)
         ids[found] = self._item_ids[heap.I[found]]
         return np.where(found, heap.D, np.nan).astype(np.float32), ids
 
 
-def search_shard_by_shard(uri: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`ShardedIndex.search` of a published index dir holding one shard in memory at a time (each shard read
-    once): for a few queries where the whole index should not be loaded. Same (scores, item ids) shapes;
-    ties between shards go to the earlier shard."""
-    manifest = storage.read_manifest(uri)
-    parts = []
-    for entry in manifest["shards"]:
-        d, found = ShardedIndex.open(uri, [entry], manifest["dim"], manifest["spec"], manifest["search_params"]).search(queries, k)
-        parts.append((np.where(np.isnan(d), -np.inf, d), found))
-    scores, ids = merge_top_k(parts, k)
-    return np.where(np.isfinite(scores), scores, np.nan).astype(np.float32), ids
+class ShardByShard:
+    """`ShardedIndex`'s search (`set_search_params`, `search`) over the shards of an index dir holding one
+    shard in memory at a time: each search reads every shard once and merges their top-k (ties between
+    shards go to the earlier shard). For a few queries, or for the build's tuning, where the whole index
+    should not be loaded. `shards[0]` (the first shard) stays loaded: its type says which parameter to tune.
+    `search_s` is the last search's time in FAISS, the shards' reading left out."""
+
+    def __init__(self, uri: str, shards: list[dict], dim: int, spec: str, search_params: dict[str, int] | None = None):
+        self.uri, self.entries, self.dim, self.spec = uri, shards, dim, spec
+        self.search_params = dict(search_params or {})
+        self.shards = ShardedIndex.open(uri, shards[:1], dim, spec, {}).shards
+        self.search_s = 0.0
+
+    @classmethod
+    def load(cls, uri: str) -> ShardByShard:
+        """Over a published index dir, at its tuned search parameters."""
+        manifest = storage.read_manifest(uri)
+        return cls(uri, manifest["shards"], manifest["dim"], manifest["spec"], manifest["search_params"])
+
+    def set_search_params(self, params: dict[str, int]) -> None:
+        self.search_params = dict(params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As `ShardedIndex.search`: (scores [Q, k] float32, item_ids [Q, k] object, None where missing)."""
+        parts, self.search_s = [], 0.0
+        for entry in self.entries:
+            shard = ShardedIndex.open(self.uri, [entry], self.dim, self.spec, self.search_params)
+            start = time.perf_counter()
+            d, found = shard.search(queries, k)
+            self.search_s += time.perf_counter() - start
+            parts.append((np.where(np.isnan(d), -np.inf, d), found))
+        scores, ids = merge_top_k(parts, k)
+        return np.where(np.isfinite(scores), scores, np.nan).astype(np.float32), ids
 
 
 def _check_same_quantizer(shards: list[IndexShard], fix: str) -> None:

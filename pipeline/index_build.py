@@ -13,11 +13,13 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from pipeline import index as ix
 from pipeline import index_tuning as tuning
 from pipeline import storage
+from pipeline.catalog import id_hash
 from pipeline.embedding_scan import batches, exact_top_k, file_rows, gather, merge_top_k, num_rows
 
 log = logging.getLogger(__name__)
@@ -202,11 +204,12 @@ def build_index(embeddings_uri: str, out_uri: str, config: IndexBuildConfig, ove
 @ray.remote(num_cpus=1)
 def _tune_task(stage: str, shards: list[dict], d: int, spec: str, queries: np.ndarray, query_ids: np.ndarray,
                truth: np.ndarray, n_eval: int, min_recall: float, threads: int) -> tuple[dict, list[dict], float, float]:
-    """Load the built shards (in a worker: the driver never holds the index), check the ids are unique, tune
-    the search parameter on the queries after the first `n_eval` and measure recall@10 on those."""
+    """In a worker (the driver never holds the index), one shard in memory at a time (`ShardByShard`): check
+    the ids are unique, tune the search parameter on the queries after the first `n_eval` and measure
+    recall@10 on those."""
     faiss.omp_set_num_threads(threads)
-    index = ix.ShardedIndex.open(stage, shards, d, spec, {})
-    _check_unique(index)
+    _check_unique(stage, shards)
+    index = ix.ShardByShard(stage, shards, d, spec)
     tune, evaluate = slice(n_eval, None), slice(0, n_eval)
     params, trials = tuning.tune_search_param(index, queries[tune], truth[tune], min_recall, exclude=query_ids[tune])
     _, found = index.search(queries[evaluate], tuning.RECALL_K + 1)
@@ -214,12 +217,22 @@ def _tune_task(stage: str, shards: list[dict], d: int, spec: str, queries: np.nd
     return params, trials, recall, _peak_rss_mib()
 
 
-def _check_unique(index: ix.ShardedIndex) -> None:
+def _check_unique(stage: str, shards: list[dict]) -> None:
     """Item ids must be unique across the shards (the embed stage rejects duplicate ids; a table written
-    by other means might not)."""
-    ids = pa.chunked_array([pa.array(s.item_ids, pa.string()) for s in index.shards], pa.string())
-    if pc.count_distinct(ids).as_py() != len(ids):
-        raise ValueError("the embedding table has duplicate item_ids: re-run the embed stage (ids must be unique)")
+    by other means might not). Reads one shard's id map at a time and keeps its ids as 64-bit hashes; only
+    ids whose hash repeats are compared as strings."""
+    def shard_ids():
+        for entry in shards:
+            fs, path = storage.get_fs(storage.join(stage, entry["ids"]))
+            with fs.open(path, "rb") as f:
+                yield pq.read_table(f, columns=["item_id"]).column("item_id")
+
+    values, counts = np.unique(np.concatenate([id_hash(ids) for ids in shard_ids()]), return_counts=True)
+    repeated = values[counts > 1]
+    if len(repeated):
+        ids = [i for column in shard_ids() for i in pc.filter(column, np.isin(id_hash(column), repeated)).to_pylist()]
+        if len(set(ids)) != len(ids):
+            raise ValueError("the embedding table has duplicate item_ids: re-run the embed stage (ids must be unique)")
 
 
 def _fill_shards(trained: bytes, embeddings_uri: str, n: int, stage: str, n_shards: int) -> list[dict]:

@@ -26,7 +26,7 @@ from item_model.processor import to_rgb
 from . import storage
 from .catalog import ColumnMap, id_as_string, open_dataset
 from .embedding_scan import gather, num_rows
-from .index import search_shard_by_shard
+from .index import ShardByShard
 
 REVIEW = "review.html"
 THUMB_PX = 112
@@ -93,7 +93,7 @@ def _below_threshold(index_uri: str, embeddings_uri: str, threshold: float, n: i
     chosen = np.random.default_rng(seed).choice(n_rows, min(sample, n_rows), replace=False)
     rows = gather(embeddings_uri, chosen)
     ids, vectors = rows["item_id"], rows["embedding"]
-    scores, found = search_shard_by_shard(index_uri, vectors, k)
+    scores, found = ShardByShard.load(index_uri).search(vectors, k)
     below: dict[tuple[str, str], float] = {}
     for q, own in enumerate(ids):
         for score, other in zip(scores[q], found[q]):

@@ -17,9 +17,9 @@ from pipeline.embedding_scan import exact_neighbours_streamed
 from pipeline.index import (
     IndexFilesError,
     RecallTooLowError,
+    ShardByShard,
     ShardedIndex,
     choose_index_spec,
-    search_shard_by_shard,
     shard_of,
     write_index,
 )
@@ -59,7 +59,7 @@ def test_each_item_is_its_own_nearest_neighbour(ivf_index_uri, index_catalog):
 def test_searching_one_shard_at_a_time_equals_the_loaded_index(ivf_index_uri, index_catalog):
     queries = index_catalog.vectors[::7]
     scores, found = ShardedIndex.load(ivf_index_uri).search(queries, 8)
-    one_scores, one_found = search_shard_by_shard(ivf_index_uri, queries, 8)
+    one_scores, one_found = ShardByShard.load(ivf_index_uri).search(queries, 8)
     np.testing.assert_array_equal(one_found, found)
     np.testing.assert_allclose(one_scores, scores, rtol=1e-6)
 
@@ -152,6 +152,17 @@ def test_build_under_min_recall_fails_and_publishes_nothing(tmp_path, embeddings
     )
     assert result.exit_code == 1 and "recall@10" in result.output and "Traceback" not in result.output
     assert os.listdir(tmp_path) == []
+
+
+def test_a_table_with_a_repeated_id_fails_the_build_naming_it(tmp_path, index_catalog, ray_local):
+    """Two shards, the repeat in the other shard from its first occurrence: the ids are compared across shards."""
+    ids = np.array(index_catalog.item_ids[:400], dtype=object)
+    ids[399] = ids[0]
+    uri = str(tmp_path / "emb")
+    write_embedding_table(uri, ids, index_catalog.vectors[:400])
+    with pytest.raises(ValueError, match="duplicate item_ids"):
+        build_index(uri, str(tmp_path / "idx"), IndexBuildConfig(n_shards=2, spec="Flat", n_eval_queries=50, n_tune_queries=50))
+    assert not os.path.exists(tmp_path / "idx")
 
 
 def test_cli_auto_under_a_tight_budget_builds_fast_scan_pq_with_exact_rerank(tmp_path, embeddings_uri, index_catalog, ray_local):
