@@ -119,9 +119,9 @@ class BackfillQueries:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
-        _, rows = self.labels.find(ids)
-        fill = self.labels.lookup(ids)[:, 0] == NO_LABEL
-        sample = (rows >= 0) & np.isin(rows, self.sample)
+        found = self.labels.find(ids)
+        fill = self.labels.lookup(ids, found)[:, 0] == NO_LABEL
+        sample = (found[1] >= 0) & np.isin(found[1], self.sample)
         keep = fill | sample
         return batch.select(["item_id", "embedding"]).filter(pa.array(keep)).append_column(EVAL, pa.array(sample[keep]))
 

@@ -230,9 +230,10 @@ class LabelIndex:
         valid = pc.is_valid(pa.array(ids, pa.string())).to_numpy(zero_copy_only=False)
         return h, np.where((self.hashes[at] == h) & valid, at, -1)
 
-    def lookup(self, ids: pa.Array | np.ndarray) -> np.ndarray:
-        """[n, L] class codes of `ids`: NOT_IN_CATALOG for an id the catalog lacks (or a null id)."""
-        h, rows = self.find(ids)
+    def lookup(self, ids: pa.Array | np.ndarray, found: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """[n, L] class codes of `ids`: NOT_IN_CATALOG for an id the catalog lacks (or a null id). `found`:
+        `find(ids)`, when the caller has it already."""
+        h, rows = found if found is not None else self.find(ids)
         out = np.where(rows[:, None] >= 0, self.labels[np.maximum(rows, 0)] if len(self.labels) else 0,
                        NOT_IN_CATALOG).astype(np.int32)
         for i in np.flatnonzero(np.isin(h, self.collided)):
@@ -299,11 +300,9 @@ def duplicate_ids(*parts: pa.Table) -> set[str]:
 
 
 def id_bucket(ids: pa.Array, n_buckets: int) -> np.ndarray:
-    """[n] int: which of `n_buckets` each string id falls in (polars' hash of the id, seeded: the same
-    bucket in every process of one installation), for passes over the ids split across tasks."""
-    import polars as pl
-
-    return (pl.Series(ids).hash(seed=0) % n_buckets).to_numpy().astype(np.int64)
+    """[n] int: which of `n_buckets` each string id falls in (`id_hash`: the same bucket in every process of
+    one installation), for passes over the ids split across tasks."""
+    return (id_hash(ids) % np.uint64(n_buckets)).astype(np.int64)
 
 
 def content_hash(title: str | None, image: bytes | None) -> str:
