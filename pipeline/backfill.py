@@ -190,7 +190,8 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
     `precision_coverage.png`). A Ray Data job over the embedding table, read once: BackfillQueries keeps the
     query rows, one stage per index shard finds their neighbours (dedup's ShardNeighbours: no process holds
     more than one shard), BackfillVote votes and writes the output's parts; the driver sums the counts. No
-    process holds the table or the output; the two label stages hold the catalog's ids and labels. Fails
+    process holds the table, the index or the output; the two label stages hold the catalog's labels as a
+    LabelIndex (hashed ids and class codes, 12-16 bytes a listing). Fails
     before any work, naming the fix, when the output is already published, an input is not, or the catalog
     lacks its id or category column. Needs Ray initialised by the caller."""
     columns = columns or ColumnMap()
