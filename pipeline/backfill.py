@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
-from pipeline.catalog import NO_LABEL, ColumnMap, check_label_columns, read_label_index
+from pipeline.catalog import NO_LABEL, ColumnMap, LabelIndex, check_label_columns, read_label_index
 from pipeline.dedup import shard_stages, top_k
 
 EVAL = "_eval"  # a query row of the leave-one-out sample (its own label hidden), not a row to fill
@@ -136,6 +136,7 @@ class BackfillVote:
     def __init__(self, catalog_uri: str, columns: ColumnMap, stage: str, k: int, min_confidence: float):
         self.labels = read_label_index(catalog_uri, columns)
         self.stage, self.k, self.min_confidence = stage, k, min_confidence
+        self.unlabelled = count_unlabelled(self.labels)  # the report's n_unlabelled, sent with every batch's counts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch["item_id"].to_numpy(zero_copy_only=False).astype(object)
@@ -151,7 +152,7 @@ class BackfillVote:
                 "item_id": ids[fill], "predicted_category": np.where(filled, pred, None)[fill],
                 "confidence": conf[fill].astype(np.float32), "n_neighbors": n[fill].astype(np.int32)}, schema=OUT_SCHEMA))
         own = self.labels.lookup(ids)  # [B, 1 or 2]: category, true_category
-        counts = {"found": int(fill.sum()), "filled": int(filled.sum()), "fills_correct": -1}
+        counts = {"found": int(fill.sum()), "filled": int(filled.sum()), "fills_correct": -1, "unlabelled": self.unlabelled}
         if own.shape[1] == 2:  # the catalog has true_category
             counts["fills_correct"] = int((pred[filled] == _names(classes, own[filled, 1])).sum())
         correct, e_conf = pred[is_eval] == _names(classes, own[is_eval, 0]), conf[is_eval]
@@ -199,7 +200,6 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
     n_shards = len(storage.read_manifest(index_uri)["shards"])
     storage.read_manifest(embeddings_uri)
     check_label_columns(catalog_uri, columns)
-    n_unlabelled = ray.get(ray.remote(_count_unlabelled).remote(catalog_uri, columns))
     fs, _ = storage.get_fs(embeddings_uri)
     with storage.staging(out_uri) as stage:
         ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs, columns=["item_id", "embedding"])
@@ -211,7 +211,11 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
                           cpus=n_shards / (n_shards + 2))
         ds = ds.map_batches(BackfillVote, fn_constructor_args=(catalog_uri, columns, stage, k, min_confidence),
                             num_cpus=1 / (n_shards + 2), **pool)
-        report = _report(pd.DataFrame(ds.take_all()), n_unlabelled, k, min_confidence)
+        counts = pd.DataFrame(ds.take_all())
+        # the vote stage counts the catalog's unlabelled rows; with no batch to vote on, a task counts them
+        n_unlabelled = (int(counts["unlabelled"].max()) if len(counts) else
+                        ray.get(ray.remote(_count_unlabelled).remote(catalog_uri, columns)))
+        report = _report(counts, n_unlabelled, k, min_confidence)
         if report["n_filled"] + report["n_unfilled"] == 0:  # no part written: an empty one keeps the schema
             _write_part(stage, OUT_SCHEMA.empty_table())
         storage.forget_listings(stage)  # the actors wrote there: this process's client may have listed it before
@@ -223,15 +227,19 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
         return storage.publish(stage, out_uri, manifest, overwrite=overwrite)
 
 
-def _count_unlabelled(catalog_uri: str, columns: ColumnMap) -> int:
-    """Catalog rows (the embed stage's id rule) whose category is null: run in a task, not the driver."""
-    labels = read_label_index(catalog_uri, columns)
+def count_unlabelled(labels: LabelIndex) -> int:
+    """Catalog rows (the embed stage's id rule) whose category is null."""
     return int((labels.labels[:, 0] == NO_LABEL).sum()) + sum(int(c[0] == NO_LABEL) for c in labels.exact.values())
+
+
+def _count_unlabelled(catalog_uri: str, columns: ColumnMap) -> int:
+    """`count_unlabelled` of the catalog, in a task (not the driver)."""
+    return count_unlabelled(read_label_index(catalog_uri, columns))
 
 
 def _report(counts: pd.DataFrame, n_unlabelled: int, k: int, min_confidence: float) -> dict:
     """The job's report from the vote stage's per-batch counts."""
-    total = counts.drop(columns=["eval_covered", "eval_covered_correct"]).sum() if len(counts) else pd.Series(dtype=int)
+    total = counts.drop(columns=["eval_covered", "eval_covered_correct", "unlabelled"]).sum() if len(counts) else pd.Series(dtype=int)
     found, filled = int(total.get("found", 0)), int(total.get("filled", 0))
     report = {"k": k, "min_confidence": min_confidence, "n_unlabelled": n_unlabelled, "n_filled": filled,
               "n_unfilled": found - filled, "n_no_embedding": n_unlabelled - found}

@@ -416,13 +416,15 @@ class ShardByShard:
     """`ShardedIndex`'s search (`set_search_params`, `search`) over the shards of an index dir holding one
     shard in memory at a time: each search reads every shard once and merges their top-k (ties between
     shards go to the earlier shard). For a few queries, or for the build's tuning, where the whole index
-    should not be loaded. `shards[0]` (the first shard) stays loaded: its type says which parameter to tune.
+    should not be loaded. The first shard stays loaded (`shards`: its type says which parameter to tune) and
+    is searched without being read again.
     `search_s` is the last search's time in FAISS, the shards' reading left out."""
 
     def __init__(self, uri: str, shards: list[dict], dim: int, spec: str, search_params: dict[str, int] | None = None):
         self.uri, self.entries, self.dim, self.spec = uri, shards, dim, spec
         self.search_params = dict(search_params or {})
-        self.shards = ShardedIndex.open(uri, shards[:1], dim, spec, {}).shards
+        self._first = ShardedIndex.open(uri, shards[:1], dim, spec, {})  # searched as it is, not read again
+        self.shards = self._first.shards
         self.search_s = 0.0
 
     @classmethod
@@ -437,8 +439,9 @@ class ShardByShard:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """As `ShardedIndex.search`: (scores [Q, k] float32, item_ids [Q, k] object, None where missing)."""
         parts, self.search_s = [], 0.0
-        for entry in self.entries:
-            shard = ShardedIndex.open(self.uri, [entry], self.dim, self.spec, self.search_params)
+        self._first.set_search_params(self.search_params)
+        for n, entry in enumerate(self.entries):
+            shard = self._first if n == 0 else ShardedIndex.open(self.uri, [entry], self.dim, self.spec, self.search_params)
             start = time.perf_counter()
             d, found = shard.search(queries, k)
             self.search_s += time.perf_counter() - start

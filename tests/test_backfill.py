@@ -150,3 +150,18 @@ def test_a_catalog_without_its_category_column_fails_before_any_work(tmp_path, r
     with pytest.raises(CatalogSchemaError, match="category=NAME"):
         run_backfill(ivf_index_uri, embeddings_uri, str(tmp_path / "no-category.parquet"), str(tmp_path / "other"))
     assert not os.path.exists(tmp_path / "other")
+
+
+def test_unlabelled_rows_without_an_embedding_are_counted_when_nothing_is_left_to_fill(
+        tmp_path, ray_local, ivf_index_uri, embeddings_uri, labelled_catalog):
+    """Every embedded row labelled, two uncategorised rows the table lacks, no leave-one-out: no batch reaches
+    the vote, the report still counts the two, and the output is one empty part with the schema."""
+    catalog = pd.concat([labelled_catalog.assign(category=labelled_catalog["true_category"]),
+                         pd.DataFrame({"item_id": ["new-1", "new-2"], "category": [None, None], "true_category": ["a", "b"]})])
+    path = str(tmp_path / "catalog.parquet")
+    catalog.to_parquet(path)
+    out = str(tmp_path / "backfill")
+    manifest = run_backfill(ivf_index_uri, embeddings_uri, path, out, eval_sample=0)
+    assert (manifest["n_unlabelled"], manifest["n_no_embedding"], manifest["n_filled"], manifest["n_unfilled"]) == (2, 2, 0, 0)
+    table = pq.read_table(storage.parquet_files(out))
+    assert table.num_rows == 0 and table.schema.names == ["item_id", "predicted_category", "confidence", "n_neighbors"]
