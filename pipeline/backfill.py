@@ -8,14 +8,12 @@ guessed). The manifest is the job's report (counts, fill accuracy, leave-one-out
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
@@ -148,9 +146,10 @@ class BackfillVote:
         fill = ~is_eval
         filled = fill & (conf >= self.min_confidence)
         if fill.any():
-            _write_part(self.stage, pa.table({
+            storage.write_part(self.stage, pa.table({
                 "item_id": ids[fill], "predicted_category": np.where(filled, pred, None)[fill],
-                "confidence": conf[fill].astype(np.float32), "n_neighbors": n[fill].astype(np.int32)}, schema=OUT_SCHEMA))
+                "confidence": conf[fill].astype(np.float32), "n_neighbors": n[fill].astype(np.int32)}, schema=OUT_SCHEMA),
+                ids[fill].tolist())
         own = self.labels.lookup(ids)  # [B, 1 or 2]: category, true_category
         counts = {"found": int(fill.sum()), "filled": int(filled.sum()), "fills_correct": -1, "unlabelled": self.unlabelled}
         if own.shape[1] == 2:  # the catalog has true_category
@@ -167,15 +166,6 @@ def _names(classes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     out = np.full(len(codes), None, dtype=object)
     out[codes >= 0] = classes[codes[codes >= 0]]
     return out
-
-
-def _write_part(stage: str, rows: pa.Table) -> None:
-    """`rows` as one part file of the output's `stage`, named by its ids: a retried batch rewrites its own file."""
-    token = hashlib.blake2b("\n".join(rows["item_id"].to_pylist()).encode(), digest_size=8).hexdigest()
-    fs, path = storage.get_fs(storage.join(stage, storage.part_name(stage, f"part-{token}.parquet")))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(rows, f)
 
 
 def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri: str, columns: ColumnMap | None = None,
@@ -217,7 +207,7 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
                         ray.get(ray.remote(_count_unlabelled).remote(catalog_uri, columns)))
         report = _report(counts, n_unlabelled, k, min_confidence)
         if report["n_filled"] + report["n_unfilled"] == 0:  # no part written: an empty one keeps the schema
-            _write_part(stage, OUT_SCHEMA.empty_table())
+            storage.write_part(stage, OUT_SCHEMA.empty_table(), [])
         storage.forget_listings(stage)  # the actors wrote there: this process's client may have listed it before
         if plot and "leave_one_out" in report:
             png = storage.join(stage, "precision_coverage.png")

@@ -7,13 +7,15 @@ embedding table + rejects table, published atomically with its manifest.
                                           through, is never decoded or encoded, and gets files of its own
       -> rows.Preprocess                  CPU tasks: validate rows, hash, tokenise, decode (uint8 pixels)
       -> encode.Encoder                   actor pool: model loaded once per actor, GPU (bf16) or CPU
-      -> driver: iter_batches             split by `status` into part files (ParquetWriter): embeddings, rejects
+      -> write_parts                      CPU tasks, batches of rows_per_file rows: split by `status` into part
+                                          files of the staging dir (embedded, carried, rejects); the driver
+                                          gets one row of counts and file names per batch, never the rows
     -> storage.publish(staging, OUT)      `_manifest.json` last: the commit point
 
 The pipeline is a single pass: every row leaves Preprocess with a `status` (ok / reject / unchanged)
-and its reason, and the writer splits on it. The previous table reaches the rows through the engine's
-join, not as a dict held by the driver and sent to every task. `Preprocess` and `Encoder` know nothing of
-Ray: each is a plain class called on a dict (or Arrow table) batch, testable without a cluster. Resources
+and its reason, and the write stage splits on it. The previous table reaches the rows through the engine's
+join, not as a dict held by the driver and sent to every task. `Preprocess`, `Encoder` and `write_parts`
+know nothing of Ray: each is a plain class or function called on a batch, testable without a cluster. Resources
 (batch size, actor pool size, GPUs per actor, torch threads) are arguments; `ray.init` is the caller's
 business.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -36,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from item_model import read_model_version
 
 from . import storage
-from .catalog import ColumnMap, arrow_filesystem, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
+from .catalog import ColumnMap, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
 from .encode import Encoder
 from .id_shuffle import id_parts
 from .progress import Progress
@@ -94,77 +96,55 @@ class EmbedOptions:
     run_id: str | None = None  # names the staging dir; random when None
 
 
-# --- write (driver, streaming) ---------------------------------------------------------------------
+# --- write (a Ray Data stage: no row reaches the driver) ---------------------------------------------
 
 
-class _PartWriter:
-    """Streams Arrow tables into `<prefix>-00000-<token>.parquet`, ... (storage.part_name of `stage`) of at most
-    `rows_per_file` rows each in `dir_uri`, through pyarrow's ParquetWriter: rows are buffered only up to
-    one row group (ROW_GROUP_ROWS), never a whole file."""
-
-    def __init__(self, dir_uri: str, schema: pa.Schema, rows_per_file: int, stage: str, prefix: str = "part") -> None:
-        self.stage, self.prefix = stage, prefix
-        self.fs, self.path = arrow_filesystem(dir_uri)
-        self.fs.create_dir(self.path, recursive=True)
-        self.schema, self.rows_per_file = schema, rows_per_file
-        self.group_rows = min(ROW_GROUP_ROWS, rows_per_file)
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.in_file = 0  # rows written to the open file
-        self.files: list[str] = []
-        self.rows = 0  # rows written to files
-        self.seconds = 0.0
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.buffer.append(table.cast(self.schema))
-            self.buffered += table.num_rows
-        while self.buffered >= min(self.group_rows, self.rows_per_file - self.in_file):
-            self._write(min(self.group_rows, self.rows_per_file - self.in_file))
-
-    def _write(self, rows: int) -> None:
-        """Write the next `rows` buffered rows as one row group, opening a new file when none is open."""
-        start = time.perf_counter()
-        if self.writer is None:
-            name = storage.part_name(self.stage, f"{self.prefix}-{len(self.files):05d}.parquet")
-            self.writer = pq.ParquetWriter(f"{self.path}/{name}", self.schema, filesystem=self.fs,
-                                          **storage.parquet_options(self.schema))
-            self.files.append(name)
-        table = pa.concat_tables(self.buffer)
-        head, rest = table.slice(0, rows), table.slice(rows)
-        self.writer.write_table(head)
-        self.in_file += head.num_rows
-        self.rows += head.num_rows
-        self.buffer, self.buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
-        if self.in_file >= self.rows_per_file:
-            self.writer.close()
-            self.writer, self.in_file = None, 0
-        self.seconds += time.perf_counter() - start
-
-    def end_file(self) -> list[str]:
-        """Write what is buffered and close the open file: rows added from now on go to new files. Returns
-        the files written so far."""
-        if self.buffered:
-            self._write(self.buffered)
-        if self.writer is not None:
-            self.writer.close()
-            self.writer, self.in_file = None, 0
-        return list(self.files)
-
-    def close(self) -> list[str]:
-        """Write what is left; an empty table still gets one (empty) part file, so it has a schema."""
-        if self.buffered:
-            self._write(self.buffered)
-        if not self.files:
-            self.buffer = [self.schema.empty_table()]
-            self._write(0)
-        if self.writer is not None:
-            start = time.perf_counter()
-            self.writer.close()
-            self.writer = None
-            self.seconds += time.perf_counter() - start
-        return self.files
+def write_parts(batch: dict[str, np.ndarray], stage: str, model_version: str, created_at: dt.datetime) -> pa.Table:
+    """One batch of the encoder's output (at most rows_per_file rows) -> up to three part files of `stage`,
+    split by `status`: `part-<h>` (rows embedded in this run), `part-carried-<h>` (unchanged rows, as they
+    were in the previous table) and `_rejects/part-<h>`, all named by a hash of the batch's ids, so a
+    retried task rewrites its own files. Returns one row for the driver: the files and the counts."""
+    start = time.perf_counter()
+    status, ids = batch["status"], batch["item_id"].tolist()
+    dim = batch["embedding"].shape[1]
+    row_group = {"ids": ids, "row_group_rows": ROW_GROUP_ROWS}
+    out: dict[str, Any] = {"rows": len(status), "dim": dim, "fresh_file": "", "carried_file": "", "rejects_file": ""}
+    ok = np.flatnonzero(status == OK)
+    if len(ok):
+        out["fresh_file"] = storage.write_part(stage, pa.table({
+            "item_id": pa.array(batch["item_id"][ok], pa.string()),
+            "embedding": storage.embedding_array(batch["embedding"][ok]),
+            "modalities": pa.array(batch["modalities"][ok], pa.string()),
+            "content_hash": pa.array(batch["content_hash"][ok], pa.string()),
+            "model_version": pa.array([model_version] * len(ok), pa.string()),
+            "embedded_at": pa.array([created_at] * len(ok), pa.timestamp("us", tz="UTC")),
+        }, schema=embedding_schema(dim)), **row_group)
+    same = np.flatnonzero(status == UNCHANGED)
+    if len(same):
+        out["carried_file"] = storage.write_part(stage, pa.table({
+            "item_id": pa.array(batch["item_id"][same], pa.string()),
+            "embedding": storage.embedding_array(batch[PREVIOUS + "embedding"][same]),
+            "modalities": pa.array(batch[PREVIOUS + "modalities"][same], pa.string()),
+            "content_hash": pa.array(batch["content_hash"][same], pa.string()),
+            "model_version": pa.array([model_version] * len(same), pa.string()),
+            "embedded_at": pa.array(batch[PREVIOUS + "embedded_at"][same]).cast(pa.timestamp("us", tz="UTC")),
+        }, schema=embedding_schema(dim)), prefix="part-carried", **row_group)
+    bad = np.flatnonzero(status == REJECT)
+    reasons = batch["reason"][bad].tolist()
+    if len(bad):
+        out["rejects_file"] = storage.write_part(stage, pa.table({
+            "item_id": [None if r == "null_id" else i for r, i in zip(reasons, batch["item_id"][bad].tolist())],
+            "stage": batch["stage"][bad].tolist(), "reason": reasons, "detail": batch["detail"][bad].tolist(),
+        }, schema=REJECTS_SCHEMA), prefix=f"{REJECTS_DIR}/part", **row_group)
+    counts = {
+        "embedded": len(ok), "unchanged": len(same), "rejected": len(bad),
+        "rejects_by_reason": collections.Counter(reasons),
+        "modalities": collections.Counter(batch["modalities"][ok].tolist()),
+        "image_errors": collections.Counter(e.split(":", 1)[0] for e in batch["image_error"][ok].tolist() if e),
+        "preprocess_s": float(batch["_preprocess_s"].sum()), "encode_s": float(batch["_encode_s"].sum()),
+        "write_s": time.perf_counter() - start,
+    }
+    return pa.table({**{k: [v] for k, v in out.items()}, "counts": [json.dumps(counts)]})
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -272,72 +252,50 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     )
 
     with storage.staging(out_uri, options.run_id) as stage:
-        rejects = _PartWriter(storage.join(stage, REJECTS_DIR), REJECTS_SCHEMA, options.rows_per_file, stage)
+        # the write stage: batches of at most rows_per_file rows, each written by a task as its own files
+        written = ds.map_batches(write_parts, fn_args=(stage, model_version, created_at), batch_format="numpy",
+                                 batch_size=options.rows_per_file, num_cpus=1)
+        files: dict[str, list[str]] = {"fresh_file": [], "carried_file": [], "rejects_file": []}
+        totals: collections.Counter = collections.Counter()
         reject_reasons: collections.Counter[str] = collections.Counter()
-        if dup_rejects is not None:
-            rejects.add(dup_rejects)
-            reject_reasons["duplicate_id"] += dup_rejects.num_rows
-        embeddings: _PartWriter | None = None  # the rows embedded in this run ("fresh"), then the carried ones
-        carried: _PartWriter | None = None  # unchanged rows, in files of their own
         image_errors: collections.Counter[str] = collections.Counter()
         modalities: collections.Counter[str] = collections.Counter()
-        busy = {"preprocess_s": 0.0, "encode_s": 0.0}
+        if dup_rejects is not None:
+            files["rejects_file"].append(storage.write_part(stage, dup_rejects, dup_rejects["item_id"].to_pylist(),
+                                                            prefix=f"{REJECTS_DIR}/part-duplicates"))
+            reject_reasons["duplicate_id"] += dup_rejects.num_rows
+            totals["rejected"] += dup_rejects.num_rows
+        dim = None
         pipeline_start = time.perf_counter()
         progress = Progress(log, "embed", rows_in - (dup_rejects.num_rows if dup_rejects is not None else 0))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            progress.update(len(batch["status"]))
-            busy["preprocess_s"] += float(batch["_preprocess_s"].sum())
-            busy["encode_s"] += float(batch["_encode_s"].sum())
-            status = batch["status"]
-            if embeddings is None:
-                schema = embedding_schema(batch["embedding"].shape[1])
-                embeddings = _PartWriter(stage, schema, options.rows_per_file, stage)
-                carried = _PartWriter(stage, schema, options.rows_per_file, stage, prefix="part-carried")
-            ok = np.flatnonzero(status == OK)
-            if len(ok):
-                embeddings.add(pa.table({
-                    "item_id": pa.array(batch["item_id"][ok], pa.string()),
-                    "embedding": storage.embedding_array(batch["embedding"][ok]),
-                    "modalities": pa.array(batch["modalities"][ok], pa.string()),
-                    "content_hash": pa.array(batch["content_hash"][ok], pa.string()),
-                    "model_version": pa.array([model_version] * len(ok), pa.string()),
-                    "embedded_at": pa.array([created_at] * len(ok), pa.timestamp("us", tz="UTC")),
-                }))
-                modalities.update(batch["modalities"][ok].tolist())
-                image_errors.update(e.split(":", 1)[0] for e in batch["image_error"][ok].tolist() if e)
-            bad = np.flatnonzero(status == REJECT)
-            if len(bad):
-                reasons = batch["reason"][bad].tolist()
-                reject_reasons.update(reasons)
-                rejects.add(pa.table({
-                    "item_id": [None if r == "null_id" else i for r, i in zip(reasons, batch["item_id"][bad].tolist())],
-                    "stage": batch["stage"][bad].tolist(), "reason": reasons, "detail": batch["detail"][bad].tolist(),
-                }, schema=REJECTS_SCHEMA))
-            same = np.flatnonzero(status == UNCHANGED)
-            if len(same):  # as they were in the previous table
-                carried.add(pa.table({
-                    "item_id": pa.array(batch["item_id"][same], pa.string()),
-                    "embedding": storage.embedding_array(batch[PREVIOUS + "embedding"][same]),
-                    "modalities": pa.array(batch[PREVIOUS + "modalities"][same], pa.string()),
-                    "content_hash": pa.array(batch["content_hash"][same], pa.string()),
-                    "model_version": pa.array([model_version] * len(same), pa.string()),
-                    "embedded_at": pa.array(batch[PREVIOUS + "embedded_at"][same]).cast(pa.timestamp("us", tz="UTC")),
-                }))
+        for part in written.iter_rows():  # one small row per written batch
+            progress.update(part["rows"])
+            dim = part["dim"]
+            for kind, names in files.items():
+                if part[kind]:
+                    names.append(part[kind])
+            counts = json.loads(part["counts"])
+            reject_reasons.update(counts.pop("rejects_by_reason"))
+            image_errors.update(counts.pop("image_errors"))
+            modalities.update(counts.pop("modalities"))
+            totals.update(counts)
         pipeline_s = time.perf_counter() - pipeline_start
         progress.finish()
+        storage.forget_listings(stage)  # the tasks wrote there: this process's client may have listed it before
 
-        if embeddings is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
-            embeddings = _PartWriter(stage, embedding_schema(Encoder(model_dir, "cpu").dim), options.rows_per_file, stage)
-        embedded = embeddings.rows + embeddings.buffered
+        if dim is None:  # nothing reached the encoder (empty catalog, or only duplicate losers)
+            dim = Encoder(model_dir, "cpu").dim
+        schema = embedding_schema(dim)
         # the rows embedded in this run have files of their own: the index stage reads the night's new
         # vectors from these files alone (pipeline/index_update.py)
-        fresh_files = embeddings.end_file() if embedded else []
-        unchanged = carried.rows + carried.buffered if carried is not None else 0
-        embedding_files = fresh_files + carried.close() if unchanged else embeddings.close()
-        rejects_files = rejects.close()
-        rejected = rejects.rows
-        timings.update(busy)
-        timings["write_s"] = embeddings.seconds + rejects.seconds + (carried.seconds if carried is not None else 0.0)
+        fresh_files = sorted(files["fresh_file"])
+        embedding_files = fresh_files + sorted(files["carried_file"])
+        if not embedding_files:  # an empty table still gets one (empty) part file, so it has a schema
+            embedding_files = [storage.write_part(stage, schema.empty_table(), [])]
+        rejects_files = sorted(files["rejects_file"]) or [
+            storage.write_part(stage, REJECTS_SCHEMA.empty_table(), [], prefix=f"{REJECTS_DIR}/part")]
+        embedded, unchanged, rejected = totals["embedded"], totals["unchanged"], totals["rejected"]
+        timings.update({k: totals[k] for k in ("preprocess_s", "encode_s", "write_s")})
         timings["pipeline_s"] = pipeline_s
         timings["wall_s"] = time.perf_counter() - wall_start
         manifest = {
@@ -346,8 +304,8 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             "column_map": columns.to_dict(),
             "model_dir": model_dir,
             "model_version": model_version,
-            "dim": embeddings.schema.field("embedding").type.list_size,
-            "schema": str(embeddings.schema),
+            "dim": dim,
+            "schema": str(schema),
             "rows_in": rows_in,
             "embedded": embedded,
             "unchanged_skipped": unchanged,
@@ -357,7 +315,8 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             "modalities": dict(sorted(modalities.items())),
             "files": embedding_files,
             "fresh_files": fresh_files,  # the files that hold every row embedded in this run (new and changed)
-            "rejects": {"path": REJECTS_DIR, "files": rejects_files, "schema": str(REJECTS_SCHEMA)},
+            "rejects": {"path": REJECTS_DIR, "files": [f[len(REJECTS_DIR) + 1:] for f in rejects_files],
+                        "schema": str(REJECTS_SCHEMA)},
             "previous": options.previous,
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "rows_per_s": round(rows_in / timings["wall_s"], 1) if timings["wall_s"] else None,

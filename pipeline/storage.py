@@ -32,6 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
 # where model dirs on object storage are copied to on each machine (override: ITEM_PIPELINE_MODEL_CACHE)
@@ -266,6 +267,19 @@ def staging(final_uri: str, run_id: str | None = None) -> Iterator[str]:
 
 
 # --- the embedding column -------------------------------------------------------------------------
+
+
+def write_part(stage: str, rows: pa.Table, ids: list, prefix: str = "part", row_group_rows: int | None = None) -> str:
+    """`rows` as one part file of the output's `stage` (the folder of `prefix`, e.g. "_rejects/part", inside
+    it), named by a hash of `ids` (the batch's ids): a task retried on the same batch rewrites its own file
+    instead of adding a second. Returns the file's path relative to `stage`."""
+    token = hashlib.blake2b("\n".join(map(str, ids)).encode(), digest_size=8).hexdigest()
+    name = part_name(stage, f"{prefix}-{token}.parquet")
+    fs, path = get_fs(join(stage, name))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(rows, f, row_group_size=row_group_rows, **parquet_options(rows.schema))
+    return name
 
 
 def parquet_options(schema: pa.Schema) -> dict:

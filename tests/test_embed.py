@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 
 import duckdb
 import numpy as np
@@ -82,9 +83,15 @@ def test_counts_reconcile_and_manifest_is_complete(embedded, tiny_model_dir) -> 
     assert manifest["rejected"] == pq.read_table(storage.join(out, REJECTS_DIR)).num_rows
     assert manifest["model_version"] == load_model_dir(tiny_model_dir)[0].config.model_version
     assert manifest["dim"] == 32
-    token = manifest["files"][0][len("part-00000-"):-len(".parquet")]  # unique to this publish
-    assert len(token) == 8 and manifest["files"] == [f"part-0000{i}-{token}.parquet" for i in range(3)]
+    # written by the engine's tasks, a batch of at most rows_per_file rows each: part-<batch hash>-<publish token>
+    token = manifest["files"][0].rsplit("-", 1)[1][:-len(".parquet")]  # unique to this publish
+    assert len(manifest["files"]) >= -(-manifest["embedded"] // OPTIONS.rows_per_file)
+    assert all(re.fullmatch(rf"part-[0-9a-f]{{16}}-{token}\.parquet", f) for f in manifest["files"]), manifest["files"]
+    rows = [pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in manifest["files"]]
+    assert sum(rows) == manifest["embedded"] and max(rows) <= OPTIONS.rows_per_file
+    assert manifest["fresh_files"] == manifest["files"]  # no previous table: every row was embedded tonight
     assert set(manifest["files"]) <= set(manifest["objects"])
+    assert {f"{REJECTS_DIR}/{f}" for f in manifest["rejects"]["files"]} <= set(manifest["objects"])
     for stage in ("validate_s", "preprocess_s", "encode_s", "write_s", "wall_s"):
         assert manifest["timings"][stage] >= 0
     assert not any(".staging-" in p for p in os.listdir(os.path.dirname(out)))
@@ -177,10 +184,10 @@ def test_rerun_needs_overwrite_and_a_failed_run_publishes_nothing(embedded, cata
 
     from pipeline import embed
 
-    def killed(self):
-        raise KeyboardInterrupt("killed while writing")
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while publishing")
 
-    monkeypatch.setattr(embed._PartWriter, "close", killed)
+    monkeypatch.setattr(embed.storage, "publish", killed)
     with pytest.raises(KeyboardInterrupt):
         run_embed(catalog[0], tiny_model_dir, out + "-killed", OPTIONS)
     assert not storage.exists(out + "-killed")
@@ -209,6 +216,25 @@ def test_a_killed_encode_actor_is_restarted_and_the_table_is_the_same(embedded, 
     ours, theirs = by_id(table), by_id(reference)
     assert ours.keys() == theirs.keys()
     assert max(abs(a - b) for i in ours for a, b in zip(ours[i], theirs[i])) < 1e-5
+
+
+def test_a_write_task_killed_after_writing_is_retried_and_rewrites_its_own_files(embedded, catalog, tiny_model_dir,
+                                                                                  tmp_path, monkeypatch) -> None:
+    """SIGKILL a write task after its files are on disk and before it returns: Ray retries it on the same
+    batch, which rewrites the same file names (named by the batch's ids): no row twice, none lost."""
+    from pipeline import embed
+    from tests.faults import killed_after_once
+
+    marker = str(tmp_path / "killed")
+    monkeypatch.setattr(embed, "write_parts", killed_after_once(embed.write_parts, marker))
+    out = str(tmp_path / "out")
+    manifest = run_embed(catalog[0], tiny_model_dir, out, OPTIONS)
+    assert os.path.exists(marker)  # a write task was killed
+    on_disk = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
+    assert on_disk == sorted(manifest["files"])  # no orphan file of the killed attempt
+    table, reference = _read(out), _read(embedded[0])
+    assert sorted(table.column("item_id").to_pylist()) == sorted(reference.column("item_id").to_pylist())
+    assert manifest["rejected"] == embedded[1]["rejected"] == pq.read_table(os.path.join(out, REJECTS_DIR)).num_rows
 
 
 def test_schema_error_fails_before_any_work(ray_local, tiny_model_dir, tmp_path) -> None:
