@@ -98,7 +98,7 @@ def _embed(work: str, out: str) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stop, peak = threading.Event(), [0.0]
     split = {"RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0}
-    samplers = [threading.Thread(target=_peak_worker_rss, args=(stop, peak), daemon=True),
+    samplers = [threading.Thread(target=_peak_worker_rss, args=(stop, peak, {}), daemon=True),
                 threading.Thread(target=_driver_rss_split, args=(stop, split), daemon=True)]
     for sampler in samplers:
         sampler.start()
