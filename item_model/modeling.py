@@ -66,6 +66,32 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     return input_ids[:, :t], attention_mask[:, :t]
 
 
+class ConvPatchStem(nn.Module):
+    """A small convolutional net applied to each patch on its own (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): log2(P) 3x3 convolutions of stride 2 take a P x P patch to one
+    position, channels doubling to the hidden size, then a linear map. Patches stay independent, so a
+    patch masked for MIM leaks nothing into its neighbours' tokens. [B, N, P*P*C] -> [B, N, D]."""
+
+    def __init__(self, config: ItemConfig) -> None:
+        super().__init__()
+        h, p, c = config.hidden_size, config.patch_size, config.num_channels
+        depth = p.bit_length() - 1  # P is a power of two (ItemConfig.check)
+        widths = [c] + [max(8, h >> (depth - 1 - i)) for i in range(depth)]
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(w_in, w_out, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.projection = nn.Linear(widths[-1], h)
+        self.patch_size, self.num_channels = p, c
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, n, _ = patches.shape
+        p, c = self.patch_size, self.num_channels
+        x = patches.reshape(b * n, p, p, c).permute(0, 3, 1, 2)  # patchify's (P, P, C) order -> [B*N, C, P, P]
+        x = self.convs(x)  # [B*N, W, 1, 1]
+        return self.projection(x.reshape(b, n, -1))  # [B, N, D]
+
+
 class ItemEmbeddings(nn.Module):
     """Token and patch embeddings, each with a position and a modality-type embedding."""
 
@@ -75,7 +101,8 @@ class ItemEmbeddings(nn.Module):
         self.patch_size = config.patch_size
         self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
         self.text_position_embeddings = nn.Embedding(config.max_title_len, h)
-        self.patch_projection = nn.Linear(config.patch_dim, h)  # ViT's linear projection of raw patches
+        # ViT's linear projection of raw patches, or a convolutional stem per patch (config.patch_stem)
+        self.patch_projection = nn.Linear(config.patch_dim, h) if config.patch_stem == "linear" else ConvPatchStem(config)
         self.image_position_embeddings = nn.Embedding(config.num_patches, h)
         self.mask_patch = nn.Parameter(torch.zeros(h))  # replaces a masked patch's projection (MIM)
         self.modality_type_embeddings = nn.Embedding(2, h)
@@ -177,8 +204,14 @@ class ItemModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, ItemEmbeddings):
+        if isinstance(module, nn.Conv2d):  # He init: BERT's std 0.02 would shrink the stem's signal to nothing
+            init.kaiming_normal_(module.weight, nonlinearity="relu")
+            init.zeros_(module.bias)
+        if isinstance(module, ItemEmbeddings):  # (visited after its children: this overrides their init)
             init.normal_(module.mask_patch, std=self.config.initializer_range)
+            stem = module.patch_projection
+            if isinstance(stem, ConvPatchStem):  # tokens on the scale of the linear stem's, not std 0.02 x that
+                init.normal_(stem.projection.weight, std=stem.projection.in_features ** -0.5)
         if isinstance(module, ItemModel):
             init.zeros_(module.embedding_center)
 

@@ -390,3 +390,31 @@ def test_drop_tokens_keeps_cls_and_sep():
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     out_ids, out_mask = objectives.drop_tokens(ids, mask, 1.0, (101, 102), 0)
     assert out_ids.tolist() == [[101, 0, 0, 0, 102, 0]] and out_mask.tolist() == [[1, 0, 0, 0, 1, 0]]
+
+
+def test_conv_patch_stem_keeps_patches_apart_trains_and_reloads(tokenizer, tmp_path):
+    """patch_stem='conv': one token per patch as the linear stem gives, a patch's token depends on that
+    patch alone (MIM's masked patches leak nothing), the stem learns, and the model dir reloads it."""
+    cfg = preset_config("tiny", tokenizer, variant="item_contrastive")
+    assert cfg.patch_stem == "conv"  # the default model's stem (docs/evaluation.md, run 8)
+    model = ItemModel(cfg).train()
+    stem = model.embeddings.patch_projection
+    patches = torch.randn(2, cfg.num_patches, cfg.patch_dim, generator=torch.Generator().manual_seed(0))
+    changed = patches.clone()
+    changed[:, 3] += 1.0  # one patch's pixels change
+    with torch.no_grad():
+        a, b = stem(patches), stem(changed)
+    assert a.shape == (2, cfg.num_patches, cfg.hidden_size) and a.std() > 0.2  # He init: the signal survives
+    moved = (a - b).abs().amax(dim=(0, 2))
+    assert moved[3] > 0 and torch.count_nonzero(moved) == 1
+    batch = make_batch(tokenizer, cfg)
+    losses = model(**batch, generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert stem.convs[0].weight.grad.abs().sum() > 0
+    save_model_dir(model, ItemProcessor(tokenizer, cfg.image_size, cfg.max_title_len), str(tmp_path))
+    loaded, _ = load_model_dir(str(tmp_path))
+    assert loaded.config.patch_stem == "conv"
+    model.eval()
+    torch.testing.assert_close(loaded.encode(**batch), model.encode(**batch))
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ItemModel(preset_config("tiny", tokenizer, patch_stem="conv", patch_size=6, image_size=36))
