@@ -193,6 +193,10 @@ def stage_summary(stage: str, m: dict[str, Any]) -> str:
         return (f"{m.get('mode', 'build')} of {m.get('spec')} in {len(m.get('shards', []))} shards, {m.get('n_vectors')} "
                 f"vectors, recall@10 {m.get('recall_at_10')} ({m.get('reason', 'full build')})")
     if stage == "dedup":
+        if m["threshold"] is None:  # a calibration no cut reached (pipeline/dedup.py): nothing published
+            cal = m["calibration"]
+            return (f"no pairs published: no threshold reaches precision {cal['target_precision']} "
+                    f"(best {cal['best_precision']:.3f})")
         return f"{m['n_pairs']} pairs in {m['n_clusters']} clusters at cosine >= {m['threshold']:.4f}"
     if stage == "backfill":
         return f"{m.get('n_filled')} of {m.get('n_unlabelled')} uncategorised rows filled"

@@ -373,7 +373,7 @@ def test_a_night_whose_calibration_reaches_no_threshold_says_so_and_reviews_the_
     """Labels the vectors cannot match (the groups shuffled): the dedup stage publishes no pairs instead of
     failing the night; the report names the best precision there was, and the review page still shows the
     highest-scoring pairs, none of them counted."""
-    from jobs.nightly import build_report, report_markdown
+    from jobs.nightly import build_report, report_markdown, stage_summary
     from pipeline.dedup import read_groups, run_dedup
     from pipeline.review import write_review
 
@@ -389,6 +389,8 @@ def test_a_night_whose_calibration_reaches_no_threshold_says_so_and_reviews_the_
     text = report_markdown(build_report(DAY1, run_dir, None, manifests, {}, []))
     assert "duplicates: NONE PUBLISHED: no threshold reaches precision 0.9" in text, text
     assert manifests["dedup"]["threshold"] is None and manifests["dedup"]["n_pairs"] == 0
+    # the night's log line for the stage (it raised on the null threshold before)
+    assert stage_summary("dedup", manifests["dedup"]).startswith("no pairs published: no threshold reaches precision 0.9")
 
     page = open(write_review(run_dir, out_uri=str(tmp_path / "review.html"))).read()
     assert "no threshold: none reaches precision 0.9" in page
