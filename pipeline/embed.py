@@ -92,7 +92,7 @@ class EmbedOptions:
     previous: str | None = None  # a published embedding table: unchanged rows are carried over
     columns: ColumnMap = dataclasses.field(default_factory=ColumnMap)
     overwrite: bool = False  # replace a published OUT
-    rows_per_file: int = 100_000  # rows per output part file
+    rows_per_file: int = 100_000  # at most this many rows per output part file (one write task's batch)
     run_id: str | None = None  # names the staging dir; random when None
 
 
