@@ -14,7 +14,7 @@ from .presets import PRESETS, VARIANTS
 ARCHITECTURES = ("single_stream", "two_stream")
 MODALITIES = ("image+title", "title", "image")
 POOLINGS = ("cls", "mean")
-PATCH_STEMS = ("linear", "conv")
+PATCH_STEMS = ("linear", "conv", "conv_image")
 BACKDROPS = ("light", "any")
 # Token ids that must agree with the tokenizer are never defaulted: `preset_config` reads them from the
 # tokenizer, and `ItemModel` refuses a config where they are unset.
@@ -39,8 +39,9 @@ class ItemConfig(BertConfig):
     # --- image stream ---
     image_size: int = 64  # images are letterboxed to image_size x image_size RGB
     patch_size: int = 8  # ViT-style square patches (no region detector)
-    # how a patch becomes a token: "linear" (ViT's projection of its raw pixels) or "conv" (a small
-    # convolutional net over each patch on its own; patch_size must be a power of two)
+    # how a patch becomes a token: "linear" (ViT's projection of its raw pixels), "conv" (a small
+    # convolutional net over each patch on its own) or "conv_image" (the same net over the whole photo:
+    # each token also sees the borders of its neighbours); for both conv stems patch_size is a power of two
     patch_stem: str = "linear"
     num_channels: int = 3  # RGB
     # --- masking (our choices) ---
@@ -119,8 +120,8 @@ class ItemConfig(BertConfig):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.patch_stem not in PATCH_STEMS:
             raise ValueError(f"patch_stem {self.patch_stem!r} is not one of {PATCH_STEMS}")
-        if self.patch_stem == "conv" and self.patch_size & (self.patch_size - 1):
-            raise ValueError(f"patch_stem='conv' needs a power-of-two patch_size, not {self.patch_size}")
+        if self.patch_stem != "linear" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patch_stem={self.patch_stem!r} needs a power-of-two patch_size, not {self.patch_size}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         if self.modalities not in MODALITIES:

@@ -10,6 +10,7 @@ Learning for eCommerce", arXiv 2311.02084.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -70,7 +71,11 @@ class ConvPatchStem(nn.Module):
     """A small convolutional net applied to each patch on its own (Xiao et al. 2021, "Early convolutions
     help transformers see better"): log2(P) 3x3 convolutions of stride 2 take a P x P patch to one
     position, channels doubling to the hidden size, then a linear map. Patches stay independent, so a
-    patch masked for MIM leaks nothing into its neighbours' tokens. [B, N, P*P*C] -> [B, N, D]."""
+    patch masked for MIM leaks nothing into its neighbours' tokens. [B, N, P*P*C] -> [B, N, D].
+
+    With `whole_image` (patch_stem="conv_image") the same convolutions run over the whole photo, as in
+    Xiao et al.: a token's receptive field (2P - 1 px) reaches into its neighbours, so a shifted or
+    re-framed photo changes its tokens less; `ItemEmbeddings` then blanks masked patches before the stem."""
 
     def __init__(self, config: ItemConfig) -> None:
         super().__init__()
@@ -83,13 +88,18 @@ class ConvPatchStem(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.projection = nn.Linear(widths[-1], h)
         self.patch_size, self.num_channels = p, c
+        self.whole_image = config.patch_stem == "conv_image"
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         b, n, _ = patches.shape
         p, c = self.patch_size, self.num_channels
-        x = patches.reshape(b * n, p, p, c).permute(0, 3, 1, 2)  # patchify's (P, P, C) order -> [B*N, C, P, P]
-        x = self.convs(x)  # [B*N, W, 1, 1]
-        return self.projection(x.reshape(b, n, -1))  # [B, N, D]
+        if not self.whole_image:
+            x = patches.reshape(b * n, p, p, c).permute(0, 3, 1, 2)  # patchify's (P, P, C) order -> [B*N, C, P, P]
+            return self.projection(self.convs(x).reshape(b, n, -1))  # [B*N, W, 1, 1] -> [B, N, D]
+        g = math.isqrt(n)  # patchify's row-major g x g grid, undone: [B, C, g*P, g*P]
+        x = patches.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+        x = self.convs(x)  # [B, W, g, g]: one position per patch
+        return self.projection(x.flatten(2).transpose(1, 2))  # [B, N, D]
 
 
 class ItemEmbeddings(nn.Module):
@@ -101,8 +111,9 @@ class ItemEmbeddings(nn.Module):
         self.patch_size = config.patch_size
         self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
         self.text_position_embeddings = nn.Embedding(config.max_title_len, h)
-        # ViT's linear projection of raw patches, or a convolutional stem per patch (config.patch_stem)
+        # ViT's linear projection of raw patches, or a convolutional stem per patch or over the photo (config.patch_stem)
         self.patch_projection = nn.Linear(config.patch_dim, h) if config.patch_stem == "linear" else ConvPatchStem(config)
+        self.stem_sees_neighbours = config.patch_stem == "conv_image"
         self.image_position_embeddings = nn.Embedding(config.num_patches, h)
         self.mask_patch = nn.Parameter(torch.zeros(h))  # replaces a masked patch's projection (MIM)
         self.modality_type_embeddings = nn.Embedding(2, h)
@@ -122,6 +133,8 @@ class ItemEmbeddings(nn.Module):
         Masked patches (MIM) are replaced by the learned [MASK] patch before the position is added.
         """
         n = patches.shape[1]
+        if patch_mask is not None and self.stem_sees_neighbours:  # a masked patch's pixels must not reach its neighbours
+            patches = patches.masked_fill(patch_mask[..., None], 0.0)
         image = self.patch_projection(patches)  # [B, N, D]
         if patch_mask is not None:
             image = torch.where(patch_mask[..., None], self.mask_patch.to(image.dtype), image)

@@ -418,3 +418,28 @@ def test_conv_patch_stem_keeps_patches_apart_trains_and_reloads(tokenizer, tmp_p
     torch.testing.assert_close(loaded.encode(**batch), model.encode(**batch))
     with pytest.raises(ValueError, match="power-of-two patch_size"):
         ItemModel(preset_config("tiny", tokenizer, patch_stem="conv", patch_size=6, image_size=36))
+
+
+def test_whole_image_conv_stem_reaches_the_neighbours_only_and_a_masked_patch_reaches_nothing(tokenizer):
+    """patch_stem='conv_image': the stem's convolutions run over the whole photo, so a patch's pixels move
+    its own token and those of the patches next to it (the grid is patchify's, row-major) and no other;
+    under MIM a masked patch is blanked before the stem and moves no token at all."""
+    cfg = preset_config("tiny", tokenizer, variant="item_contrastive", patch_stem="conv_image")
+    model = ItemModel(cfg).eval()
+    g = cfg.image_size // cfg.patch_size
+    patches = torch.randn(2, cfg.num_patches, cfg.patch_dim, generator=torch.Generator().manual_seed(0))
+    changed = patches.clone()
+    row, col = 1, 2
+    changed[:, row * g + col] += 1.0
+    with torch.no_grad():
+        moved = (model.embeddings.patch_projection(patches) - model.embeddings.patch_projection(changed)).abs().amax(dim=(0, 2))
+        mask = torch.zeros(2, cfg.num_patches, dtype=torch.bool)
+        mask[:, row * g + col] = True
+        masked = (model.embeddings.embed_image(patches, mask) - model.embeddings.embed_image(changed, mask)).abs().amax()
+    near = {r * g + c for r in range(row - 1, row + 2) for c in range(col - 1, col + 2) if 0 <= r < g and 0 <= c < g}
+    assert moved[row * g + col] > 0 and any(moved[i] > 0 for i in near - {row * g + col})
+    assert all(moved[i] == 0 for i in range(cfg.num_patches) if i not in near)
+    assert masked == 0
+    batch = make_batch(tokenizer, cfg)
+    model.train()(**batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert model.embeddings.patch_projection.convs[0].weight.grad.abs().sum() > 0
