@@ -82,10 +82,6 @@ class ItemConfig(BertConfig):
     # in run 3; with run 5's backdrop views, publishing the (centred) mean was better on re-listings (run 6)
     view_pooling: str = "mean"
     contrastive_temperature: float = 0.05  # InfoNCE temperature (our choice; CLIP learns it, we fix it)
-    # past joint anchors (detached, the latest first) that each image-only and title-only view must also tell
-    # its own listing from: a photo searched at evaluation competes with thousands of listings, in a batch of
-    # 64 with 63 (MoCo's queue, without its momentum encoder). 0: in-batch negatives only
-    view_queue_size: int = 0
     view_token_drop: float = 0.2  # share of title words dropped in the title-only view
     view_crop_scale_min: float = 0.5  # image-only view: random resized crop keeping >= this share of the area
     # image-only view re-framing: zoomed out to as little as 1 - this of the side, rotated by up to this

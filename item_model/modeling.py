@@ -212,7 +212,6 @@ class ItemModel(PreTrainedModel):
         # weights, so every consumer of the model dir gets the same vectors. Without it, a briefly trained
         # encoder's vectors share one dominant direction and every pair looks alike.
         self.register_buffer("embedding_center", torch.zeros(config.hidden_size))
-        self.view_queue: torch.Tensor | None = None  # config.view_queue_size past anchors; training state, never saved
         self.post_init()
 
     @torch.no_grad()
@@ -419,15 +418,13 @@ class ItemModel(PreTrainedModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """View consistency: in-batch InfoNCE of each anchor against an image-only view of its row (a
-        randomly re-framed, rotated, flipped, colour-jittered photo) and a title-only view (words dropped);
-        with config.view_queue_size, the views also tell their anchor from the queue of past anchors.
+        randomly re-framed, rotated, flipped, colour-jittered photo) and a title-only view (words dropped).
 
         The image-only pass is [CLS] [SEP] + patches and the title-only pass has no patches, as the
         processor makes such rows at inference, so they cost 2+N and T positions, not T+N each.
         """
         c = self.config
         anchors = F.normalize(joint.float(), dim=-1)
-        queue = self.view_queue if c.view_queue_size and self.training else None
         terms = []
         image_rows = anchor_ok & has_image
         if image_rows.sum() >= 2:
@@ -437,17 +434,14 @@ class ItemModel(PreTrainedModel):
             hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
                                                           has_image[image_rows])
             views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
-            terms.append(objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature, queue))
+            terms.append(objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature))
         title_rows = anchor_ok & has_title
         if title_rows.sum() >= 2:
             ids, mask = objectives.drop_tokens(input_ids[title_rows], attention_mask[title_rows], c.view_token_drop,
                                                (c.cls_token_id, c.sep_token_id), c.pad_token_id, generator)
             hidden, stream_mask, _ = self.forward_encoder(ids, mask, None, torch.zeros_like(has_image[title_rows]))
             views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
-            terms.append(objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature, queue))
-        if c.view_queue_size and self.training:
-            past = [queue] if queue is not None else []
-            self.view_queue = torch.cat([anchors[anchor_ok].detach(), *past])[: c.view_queue_size]
+            terms.append(objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature))
         return torch.stack(terms).mean() if terms else joint.sum() * 0.0
 
     def forward_losses(

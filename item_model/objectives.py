@@ -102,17 +102,12 @@ def mim_loss(pred: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
 # --- view consistency (ours, not the paper's): two views of one listing embed close ------------------
 
 
-def info_nce(anchors: torch.Tensor, views: torch.Tensor, temperature: float,
-             more_anchors: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(anchors: torch.Tensor, views: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric in-batch InfoNCE (CLIP's loss): row i of `anchors` [M, D] must pick row i of `views`
-    [M, D] among all M, and the reverse; with `more_anchors` [Q, D] each view picks its anchor among
-    M + Q. All L2-normalised."""
+    [M, D] among all M, and the reverse. Both L2-normalised."""
     logits = anchors @ views.T / temperature  # [M, M]
     target = torch.arange(len(anchors), device=anchors.device)
-    to_anchors = logits.T  # [M views, M anchors]
-    if more_anchors is not None and len(more_anchors):
-        to_anchors = torch.cat([to_anchors, views @ more_anchors.T / temperature], dim=1)  # [M, M + Q]
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(to_anchors, target))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def drop_tokens(

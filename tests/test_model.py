@@ -443,29 +443,3 @@ def test_whole_image_conv_stem_reaches_the_neighbours_only_and_a_masked_patch_re
     batch = make_batch(tokenizer, cfg)
     model.train()(**batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
     assert model.embeddings.patch_projection.convs[0].weight.grad.abs().sum() > 0
-
-
-def test_the_view_queue_adds_past_anchors_as_negatives_and_is_never_saved(tokenizer, tmp_path):
-    """view_queue_size: after a training step the model keeps that step's anchors (latest first, capped);
-    the next step's views must also tell their anchor from them, so the view term is larger than with
-    in-batch negatives only, on the same weights and draws. Evaluation neither uses nor fills it."""
-    cfg = preset_config("tiny", tokenizer, variant="item_contrastive", view_queue_size=20)
-    model = ItemModel(cfg).train()
-    plain = ItemModel(preset_config("tiny", tokenizer, variant="item_contrastive"))
-    plain.load_state_dict(model.state_dict())
-    plain.train()
-    first, second = make_batch(tokenizer, cfg, seed=1), make_batch(tokenizer, cfg, seed=2)
-    model(**first, generator=torch.Generator().manual_seed(0))
-    n1 = len(model.view_queue)  # the first batch's anchors that are not ITM-swapped
-    assert 0 < n1 < 16 and not model.view_queue.requires_grad
-    with_queue = model(**second, generator=torch.Generator().manual_seed(3))["view"]
-    without = plain(**second, generator=torch.Generator().manual_seed(3))["view"]
-    assert with_queue > without
-    assert n1 < len(model.view_queue) <= 20
-    model(**first, generator=torch.Generator().manual_seed(4))
-    assert len(model.view_queue) == 20  # capped
-    queue = model.view_queue
-    model.eval()
-    model(**second, generator=torch.Generator().manual_seed(3))
-    assert model.view_queue is queue
-    assert not any("queue" in k for k in model.state_dict())
