@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knn-queries", type=int, default=DEFAULTS["knn_queries"], help="k-NN vote queries.")
     p.add_argument("--train-threads", type=int, default=0,
                    help="Torch threads of the training worker (0: the library's rule, one per reserved CPU).")
+    p.add_argument("--start-frozen-steps", type=int, default=0,
+                   help="With a start: its parameters stay fixed for this many first steps while the fresh ones learn.")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                    help="ItemConfig field set on every variant, e.g. global_mim_weight=2.0 (repeatable).")
     p.add_argument("--group-col", default="dup_group", help="Duplicate-group column of the catalog.")
@@ -146,6 +148,7 @@ def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
         cfg = TrainConfig(
             preset=args.preset, variant=variant, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             init_from=None if args.init_from == "none" else args.init_from, fresh_lr_scale=args.fresh_lr_scale,
+            start_frozen_steps=args.start_frozen_steps,
             warmup_steps=args.steps // 10, checkpoint_every=max(1, args.steps // 3), report_every=25,
             num_workers=1, use_gpu=args.gpu, torch_threads=args.train_threads, seed=args.seed,
             model_overrides=dict(args.overrides),
@@ -186,6 +189,9 @@ def training_section(trained: dict[str, dict], args: argparse.Namespace, split: 
         f"start x{args.fresh_lr_scale}), warm-up {args.steps // 10} steps then cosine; seed {args.seed}; "
         f"1 Ray Train worker, CPU, torch threads {args.train_threads or 'library default (the cores there are)'}",
     ]
+    if args.start_frozen_steps:
+        lines.append(f"- the start's parameters fixed for the first {args.start_frozen_steps} steps (only the fresh ones "
+                     "learn), then warmed up again")
     if args.overrides:
         lines.append(f"- ItemConfig overrides on every variant: `{json.dumps(args.overrides)}`")
     lines += [
@@ -199,6 +205,15 @@ def training_section(trained: dict[str, dict], args: argparse.Namespace, split: 
                            if k not in ("rows_seen", "rows_skipped", "eta_s"))
         sps = history[-1]["samples_per_s"] if history else float("nan")
         lines.append(f"| {variant} | {t['seconds']:.0f} | {sps:.1f} | {losses} |")
+    # the view term's two parts along the run: whether (and when) the photo learns to find its listing
+    for variant, t in trained.items():
+        history = t["manifest"]["history"]
+        if not history or "view_image" not in history[-1]:
+            continue
+        lines += ["", f"{variant}: the view term's parts by step (means over each report's window)", "",
+                  "| step | " + " | ".join(str(r["step"]) for r in history) + " |",
+                  "|---|" + "---|" * len(history)]
+        lines += [f"| {k} | " + " | ".join(f"{r[k]:.2f}" for r in history) + " |" for k in ("view_image", "view_title")]
     return "\n".join(lines) + "\n"
 
 

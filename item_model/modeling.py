@@ -402,8 +402,11 @@ class ItemModel(PreTrainedModel):
         losses = self.forward_losses(hidden, patches, labels, scored_patches, swapped, has_image & has_title)
         if c.use_view_contrastive:
             joint = self.pool(hidden, mask, c.view_pooling)
-            losses["view"] = self.forward_views(joint, ~swapped, *original, generator)
+            terms = self.forward_views(joint, ~swapped, *original, generator)
+            losses["view"] = torch.stack(list(terms.values())).mean() if terms else joint.sum() * 0.0
             losses["loss"] = losses["loss"] + c.view_contrastive_weight * losses["view"]
+            for name in ("view_image", "view_title"):  # reported (0 where a batch had no pair for it), not optimised again
+                losses[name] = terms[name].detach() if name in terms else torch.zeros_like(losses["view"]).detach()
         return losses
 
     def forward_views(
@@ -416,16 +419,17 @@ class ItemModel(PreTrainedModel):
         has_image: torch.Tensor,
         has_title: torch.Tensor,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         """View consistency: in-batch InfoNCE of each anchor against an image-only view of its row (a
         randomly re-framed, rotated, flipped, colour-jittered photo) and a title-only view (words dropped).
+        Returns {"view_image", "view_title"}, each where the batch has two rows or more for it.
 
         The image-only pass is [CLS] [SEP] + patches and the title-only pass has no patches, as the
         processor makes such rows at inference, so they cost 2+N and T positions, not T+N each.
         """
         c = self.config
         anchors = F.normalize(joint.float(), dim=-1)
-        terms = []
+        terms = {}
         image_rows = anchor_ok & has_image
         if image_rows.sum() >= 2:
             ids, mask = empty_titles(c, input_ids, t=2)
@@ -434,15 +438,15 @@ class ItemModel(PreTrainedModel):
             hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
                                                           has_image[image_rows])
             views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
-            terms.append(objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature))
+            terms["view_image"] = objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature)
         title_rows = anchor_ok & has_title
         if title_rows.sum() >= 2:
             ids, mask = objectives.drop_tokens(input_ids[title_rows], attention_mask[title_rows], c.view_token_drop,
                                                (c.cls_token_id, c.sep_token_id), c.pad_token_id, generator)
             hidden, stream_mask, _ = self.forward_encoder(ids, mask, None, torch.zeros_like(has_image[title_rows]))
             views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
-            terms.append(objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature))
-        return torch.stack(terms).mean() if terms else joint.sum() * 0.0
+            terms["view_title"] = objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature)
+        return terms
 
     def forward_losses(
         self,

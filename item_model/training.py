@@ -39,6 +39,10 @@ class TrainConfig:
     # with init_from: peak lr of the parameters the start did not initialise (image stream, heads) is
     # lr x fresh_lr_scale, so a pretrained encoder fine-tunes gently while the random patch stem learns fast
     fresh_lr_scale: float = 1.0
+    # with init_from: the parameters the start initialised stay fixed (lr 0) for the first N steps, so the
+    # fresh ones (patch stem, heads) first learn against a text encoder that does not move; then the start's
+    # parameters warm up from 0 over warmup_steps and follow the schedule
+    start_frozen_steps: int = 0
     warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to 0 at `steps`
     weight_decay: float = 0.01  # AdamW decay; biases, LayerNorms and embeddings are not decayed
     grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
@@ -86,6 +90,9 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
         if self.fresh_lr_scale <= 0 or self.center_rows < 0:
             raise ValueError("fresh_lr_scale must be > 0 and center_rows >= 0")
+        if self.start_frozen_steps and (not self.init_from or not 0 < self.start_frozen_steps < self.steps):
+            raise ValueError(f"start_frozen_steps ({self.start_frozen_steps}) needs init_from (a start to hold) and "
+                             f"must be in [0, steps={self.steps})")
         named = NAMED_STARTS.get(self.init_from or "")
         if named is not None and named.preset != self.preset:
             raise ValueError(f"--init-from {self.init_from} needs --preset {named.preset} (its text geometry), "
@@ -131,18 +138,27 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_restart_step: i
         decay = p.ndim >= 2 and id(p) not in no_decay
         fresh = from_start and not name.startswith(ItemModel.BERT_PARAMETERS)
         groups.setdefault((decay, fresh), []).append(p)
+    keys = sorted(groups)
     optimizer = torch.optim.AdamW(
-        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+        [{"params": groups[decay, fresh], "weight_decay": cfg.weight_decay if decay else 0.0,
           "lr": cfg.lr * (cfg.fresh_lr_scale if fresh else 1.0)}
-         for (decay, fresh), params in sorted(groups.items())],
+         for decay, fresh in keys],
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, restart=lr_restart_step))
+    schedules = [partial(lr_factor, cfg=cfg, restart=lr_restart_step,
+                         frozen_until=0 if fresh or not from_start else cfg.start_frozen_steps)
+                 for _, fresh in keys]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
-def lr_factor(step: int, cfg: TrainConfig, restart: int | None = None) -> float:
+def lr_factor(step: int, cfg: TrainConfig, restart: int | None = None, frozen_until: int = 0) -> float:
     """The share of the peak lr at `step`: warm-up, cosine to 0 at cfg.steps, times a second warm-up from
-    `restart` (a run extended on resume)."""
+    `restart` (a run extended on resume); 0 before `frozen_until`, then a warm-up from there (the start's
+    parameters while cfg.start_frozen_steps hold them)."""
+    if step < frozen_until:
+        return 0.0
+    if frozen_until and step < frozen_until + cfg.warmup_steps:
+        return lr_factor(step, cfg, restart) * (step - frozen_until + 1) / max(1, cfg.warmup_steps)
     if step < cfg.warmup_steps:
         factor = step / max(1, cfg.warmup_steps)
     else:

@@ -328,12 +328,16 @@ def test_view_consistency_is_a_switchable_objective_that_trains_the_image_stream
     cfg = preset_config("tiny", tokenizer, variant="item_contrastive")
     model = ItemModel(cfg).train()
     losses = model(**make_batch(tokenizer, cfg), generator=torch.Generator().manual_seed(0))
-    assert set(losses) == {*OBJECTIVES, "view", "loss"} and torch.isfinite(losses["view"])
+    assert set(losses) == {*OBJECTIVES, "view", "view_image", "view_title", "loss"} and torch.isfinite(losses["view"])
+    # the view term is the mean of its two parts, reported apart (not added to the loss again)
+    torch.testing.assert_close(losses["view"], (losses["view_image"] + losses["view_title"]) / 2)
+    assert not losses["view_image"].requires_grad and losses["view_image"] > 0
     # the view term alone reaches the patch stem
     cfg_view = preset_config("tiny", tokenizer, use_view_contrastive=True, **{f"use_{o}": False for o in OBJECTIVES})
     model = ItemModel(cfg_view).train()
     losses = model(**make_batch(tokenizer, cfg_view), generator=torch.Generator().manual_seed(0))
-    assert set(losses) == {"view", "loss"}
+    assert set(losses) == {"view", "view_image", "view_title", "loss"}
+    torch.testing.assert_close(losses["loss"], losses["view"])
     losses["loss"].backward()
     assert model.embeddings.patch_projection.weight.grad.abs().sum() > 0
     assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0

@@ -132,6 +132,26 @@ def test_fresh_parameters_learn_faster_when_the_encoder_comes_from_a_start(proce
     assert lr_of[id(model.embeddings.word_embeddings.weight)] == pytest.approx(1e-4)
 
 
+def test_a_frozen_start_holds_the_encoder_while_the_fresh_parameters_learn(processor):
+    torch.manual_seed(0)
+    model = ItemModel(preset_config("tiny", processor.tokenizer, variant="item_contrastive"))
+    cfg = TrainConfig(preset="tiny", steps=20, warmup_steps=2, lr=1e-3, fresh_lr_scale=10.0,
+                      init_from="/some/bert", start_frozen_steps=3)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    layer, stem = model.encoder.layer[0].output.dense.weight, model.embeddings.patch_projection.projection.weight
+    before = layer.detach().clone(), stem.detach().clone()
+    for step in range(3):
+        train_step(model, _batch(processor, 8), optimizer, scheduler, 1.0, torch.Generator().manual_seed(step))
+    assert torch.equal(layer, before[0])  # lr 0 and no decay: the start has not moved
+    assert not torch.equal(stem, before[1])  # the fresh stem has
+    train_step(model, _batch(processor, 8), optimizer, scheduler, 1.0, torch.Generator().manual_seed(3))
+    assert not torch.equal(layer, before[0])  # step 3: the start joins, warming up from there
+    assert lr_factor(3, cfg, frozen_until=3) == pytest.approx(lr_factor(3, cfg) / 2)
+    assert lr_factor(5, cfg, frozen_until=3) == pytest.approx(lr_factor(5, cfg))
+    with pytest.raises(ValueError, match="start_frozen_steps"):
+        TrainConfig(preset="tiny", steps=20, warmup_steps=2, start_frozen_steps=3).check()  # no start to hold
+
+
 def test_a_run_extended_on_resume_warms_up_again_instead_of_jumping():
     cfg = TrainConfig(preset="tiny", steps=40, warmup_steps=5)
     short = TrainConfig(preset="tiny", steps=20, warmup_steps=5)
