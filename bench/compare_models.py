@@ -10,7 +10,8 @@ Phases (each timed and printed):
             pretraining rows go to OUT/train-catalog.parquet in a seeded random order; evaluation runs on
             a group-preserving sample of --limit held-out rows only.
   train     one `pipeline.pretrain.pretrain` run per variant (item_model.config.VARIANTS), all from the same
-            start (--init-from minilm), with the same rows, preset, steps, batch size, lr, warm-up and seed;
+            start (--init-from minilm, held still for the first --start-frozen-steps while the fresh
+            parameters learn), with the same rows, preset, steps, batch size, lr, warm-up and seed;
             Ray is initialised once here (local, 1 Ray Train worker, CPU; one GPU with --gpu). Model dirs land in
             OUT/models/<variant>; a variant whose model dir is already published at the same settings is
             not trained again (re-running the command after a crash resumes where it stopped; other
@@ -27,7 +28,7 @@ The catalog is read where it lies (never copied into the repository).
 Budget (issue 10: at most 20 minutes of pretraining per model on the 2-core CPU, no GPU). Measured on
 this machine with this script: the minilm preset trains at ~42 samples/s for item and item_no_global
 (one encoder pass per step) and ~23 samples/s for item_contrastive (plus an image-only and a
-title-only pass), after ~70 s of fixed cost per variant (Ray Train start, first batches, export, corpus
+title-only pass; 19-20 samples/s on the VM of the seventh session), after ~70 s of fixed cost per variant (Ray Train start, first batches, export, corpus
 centre). 300 steps x 64 rows = 19,200 samples (two thirds of an epoch of the 28k pretraining rows)
 takes ~9 min for item and ~15 min for item_contrastive. Evaluation embeds 3 x limit + 9 x relistings
 rows per model at ~170 rows/s: `--limit 4000 --relistings 300` is ~90 s per model.
@@ -89,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knn-queries", type=int, default=DEFAULTS["knn_queries"], help="k-NN vote queries.")
     p.add_argument("--train-threads", type=int, default=0,
                    help="Torch threads of the training worker (0: the library's rule, one per reserved CPU).")
-    p.add_argument("--start-frozen-steps", type=int, default=0,
-                   help="With a start: its parameters stay fixed for this many first steps while the fresh ones learn.")
+    p.add_argument("--start-frozen-steps", type=int, default=None,
+                   help="With a start: its parameters stay fixed for this many first steps while the fresh ones "
+                        "learn (default: 20%% of --steps; 0: none).")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                    help="ItemConfig field set on every variant, e.g. global_mim_weight=2.0 (repeatable).")
     p.add_argument("--group-col", default="dup_group", help="Duplicate-group column of the catalog.")
@@ -101,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Also evaluate each --same-weights variant whitened (PCA whitening of its uncentred vectors "
                         "fitted on 2,048 pretraining rows), keeping DIMS principal directions (0: all); repeatable.")
     args = p.parse_args(argv)
+    if args.start_frozen_steps is None:
+        args.start_frozen_steps = args.steps // 5 if args.init_from != "none" else 0
     args.variants = [v for v in args.variants.split(",") if v]
     args.same_weights = [v for v in args.same_weights.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]

@@ -113,9 +113,10 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
                    "weights initialise the text stream and the encoder.")
 @click.option("--fresh-lr-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="With --init-from: the image stream and heads (not in the start) learn at lr x this.")
-@click.option("--start-frozen-steps", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--start-frozen-steps", type=click.IntRange(min=0), default=None,
               help="With --init-from: the start's parameters stay fixed for the first N steps while the image "
-                   "stream and heads learn against it; then they warm up.")
+                   "stream and heads learn against it; then they warm up [default: 20% of --steps with "
+                   "--init-from, else 0].")
 @click.option("--resume", is_flag=True, help="Continue the run kept beside OUT_DIR from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Discard a previous run and model dir at OUT_DIR and start again.")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=2, show_default=True,
@@ -125,7 +126,7 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, masking and image swaps.")
 def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, workers: int, gpu: bool, steps: int,
              batch_size: int, lr: float, warmup_steps: int | None, checkpoint_every: int, init_from: str | None,
-             fresh_lr_scale: float, start_frozen_steps: int, resume: bool,
+             fresh_lr_scale: float, start_frozen_steps: int | None, resume: bool,
              overwrite: bool, max_failures: int, column_map: str | None, seed: int) -> None:
     """Pretrain an ITEm model on CATALOG (Parquet file/dir, local or s3://) into the model dir OUT_DIR.
 
@@ -151,7 +152,7 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
     preset = preset or (named.preset if named else "small")
     cfg = TrainConfig(
         preset=preset, variant=variant, steps=steps, batch_size=batch_size, lr=lr, fresh_lr_scale=fresh_lr_scale,
-        start_frozen_steps=start_frozen_steps,
+        start_frozen_steps=start_frozen_steps if start_frozen_steps is not None else (steps // 5 if init_from else 0),
         warmup_steps=warmup_steps if warmup_steps is not None else steps // 10,
         checkpoint_every=checkpoint_every, num_workers=workers, use_gpu=gpu, max_failures=max_failures,
         init_from=init_from, seed=seed, columns=_column_overrides(column_map),

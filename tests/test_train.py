@@ -366,7 +366,8 @@ def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor,
     titles = [t for t in pq.read_table(catalog, columns=["title"]).column("title").to_pylist() if t]
     _save_tiny_bert(bert_dir, train_tokenizer(titles, vocab_size=300))
     out = str(tmp_path / "model")
-    cfg = _cfg(steps=4, warmup_steps=1, checkpoint_every=4, report_every=2, num_workers=1, init_from=bert_dir)
+    cfg = _cfg(steps=4, warmup_steps=1, checkpoint_every=4, report_every=2, num_workers=1, init_from=bert_dir,
+               start_frozen_steps=3)
     pretrain(catalog, out, cfg)
     model, proc = load_model_dir(out)
     assert json.load(open(os.path.join(out, "tokenizer.json"))) == json.load(open(os.path.join(bert_dir, "tokenizer.json")))
@@ -375,6 +376,8 @@ def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor,
     assert manifest["start"]["name"] == "local" and len(manifest["start"]["sha256"]) == 64
     assert manifest["torch_threads_per_worker"] == os.cpu_count()  # one worker uses every core, not Ray's 1
     assert manifest["embedding_center_rows"] > 0 and model.embedding_center.abs().sum() > 0
+    # the start is held for 3 steps: the start's learning rate after step 2 (the first report) is 0
+    assert manifest["train_config"]["start_frozen_steps"] == 3 and manifest["history"][0]["lr"] == 0.0
 
 
 def test_pretrain_builds_the_variant_it_is_given(ray_local, catalog, tmp_path):
