@@ -103,8 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Also evaluate each --same-weights variant whitened (PCA whitening of its uncentred vectors "
                         "fitted on 2,048 pretraining rows), keeping DIMS principal directions (0: all); repeatable.")
     args = p.parse_args(argv)
-    if args.start_frozen_steps is None:
-        args.start_frozen_steps = args.steps // 5 if args.init_from != "none" else 0
     args.variants = [v for v in args.variants.split(",") if v]
     args.same_weights = [v for v in args.same_weights.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -193,8 +191,9 @@ def training_section(trained: dict[str, dict], args: argparse.Namespace, split: 
         f"start x{args.fresh_lr_scale}), warm-up {args.steps // 10} steps then cosine; seed {args.seed}; "
         f"1 Ray Train worker, CPU, torch threads {args.train_threads or 'library default (the cores there are)'}",
     ]
-    if args.start_frozen_steps:
-        lines.append(f"- the start's parameters fixed for the first {args.start_frozen_steps} steps (only the fresh ones "
+    frozen = {t["manifest"]["train_config"]["start_frozen_steps"] for t in trained.values()}
+    if frozen - {0}:
+        lines.append(f"- the start's parameters fixed for the first {', '.join(map(str, sorted(frozen)))} steps (only the fresh ones "
                      "learn), then warmed up again")
     if args.overrides:
         lines.append(f"- ItemConfig overrides on every variant: `{json.dumps(args.overrides)}`")

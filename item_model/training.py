@@ -41,8 +41,9 @@ class TrainConfig:
     fresh_lr_scale: float = 1.0
     # with init_from: the parameters the start initialised stay fixed (lr 0) for the first N steps, so the
     # fresh ones (patch stem, heads) first learn against a text encoder that does not move; then the start's
-    # parameters warm up from 0 over warmup_steps and follow the schedule
-    start_frozen_steps: int = 0
+    # parameters warm up from 0 over warmup_steps and follow the schedule. None: 20% of `steps` with a start
+    # (the recipe measured best, docs/evaluation.md run 12), 0 without one
+    start_frozen_steps: int | None = None
     warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to 0 at `steps`
     weight_decay: float = 0.01  # AdamW decay; biases, LayerNorms and embeddings are not decayed
     grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
@@ -73,6 +74,10 @@ class TrainConfig:
     # baselines, e.g. {"use_global_mlm": False, "use_global_mim": False} is the ViLT-style baseline
     model_overrides: dict[str, Any] = field(default_factory=dict)
     fail_at_step: int | None = None  # tests only: the last rank raises at this step, on the first attempt
+
+    def __post_init__(self) -> None:
+        if self.start_frozen_steps is None:
+            self.start_frozen_steps = self.steps // 5 if self.init_from else 0
 
     def check(self) -> None:
         if self.preset not in PRESETS:

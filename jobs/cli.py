@@ -152,7 +152,7 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
     preset = preset or (named.preset if named else "small")
     cfg = TrainConfig(
         preset=preset, variant=variant, steps=steps, batch_size=batch_size, lr=lr, fresh_lr_scale=fresh_lr_scale,
-        start_frozen_steps=start_frozen_steps if start_frozen_steps is not None else (steps // 5 if init_from else 0),
+        start_frozen_steps=start_frozen_steps,
         warmup_steps=warmup_steps if warmup_steps is not None else steps // 10,
         checkpoint_every=checkpoint_every, num_workers=workers, use_gpu=gpu, max_failures=max_failures,
         init_from=init_from, seed=seed, columns=_column_overrides(column_map),

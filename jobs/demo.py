@@ -74,7 +74,6 @@ def main(out: str, items: int, steps: int, batch_size: int, variant: str, config
         # one worker: it reserves all cores but one (left to Ray Data's decoding) and computes on all of them
         cfg = TrainConfig(preset=preset, init_from=start, variant=variant, steps=steps, batch_size=batch_size,
                           lr=1e-4, fresh_lr_scale=10.0, warmup_steps=max(1, steps // 10),
-                          start_frozen_steps=steps // 5 if start else 0,
                           checkpoint_every=steps, num_workers=1, cpus_per_worker=max(1, cpus - 1))
         pretrain(catalog, model_dir, cfg, overwrite=True)
     else:

@@ -150,6 +150,9 @@ def test_a_frozen_start_holds_the_encoder_while_the_fresh_parameters_learn(proce
     assert lr_factor(5, cfg, frozen_until=3) == pytest.approx(lr_factor(5, cfg))
     with pytest.raises(ValueError, match="start_frozen_steps"):
         TrainConfig(preset="tiny", steps=20, warmup_steps=2, start_frozen_steps=3).check()  # no start to hold
+    # the default: 20% of the steps with a start, none without one
+    assert TrainConfig(preset="tiny", steps=300, init_from="/some/bert").start_frozen_steps == 60
+    assert TrainConfig(preset="tiny", steps=300).start_frozen_steps == 0
 
 
 def test_a_run_extended_on_resume_warms_up_again_instead_of_jumping():
