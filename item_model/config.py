@@ -82,6 +82,9 @@ class ItemConfig(BertConfig):
     # in run 3; with run 5's backdrop views, publishing the (centred) mean was better on re-listings (run 6)
     view_pooling: str = "mean"
     contrastive_temperature: float = 0.05  # InfoNCE temperature (our choice; CLIP learns it, we fix it)
+    # also pull each row's image-only view towards its title-only view (CLIP's term, symmetric, inside the
+    # single stream), weighted by this (0: off): the photo alone must carry what the title says of the product
+    view_cross_weight: float = 0.0
     view_token_drop: float = 0.2  # share of title words dropped in the title-only view
     view_crop_scale_min: float = 0.5  # image-only view: random resized crop keeping >= this share of the area
     # image-only view re-framing: zoomed out to as little as 1 - this of the side, rotated by up to this

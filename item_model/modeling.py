@@ -403,8 +403,12 @@ class ItemModel(PreTrainedModel):
         if c.use_view_contrastive:
             joint = self.pool(hidden, mask, c.view_pooling)
             terms = self.forward_views(joint, ~swapped, *original, generator)
+            cross = terms.pop("view_cross", None)
             losses["view"] = torch.stack(list(terms.values())).mean() if terms else joint.sum() * 0.0
             losses["loss"] = losses["loss"] + c.view_contrastive_weight * losses["view"]
+            if cross is not None:
+                losses["view_cross"] = cross
+                losses["loss"] = losses["loss"] + c.view_cross_weight * cross
             for name in ("view_image", "view_title"):  # reported (0 where a batch had no pair for it), not optimised again
                 losses[name] = terms[name].detach() if name in terms else torch.zeros_like(losses["view"]).detach()
         return losses
@@ -422,7 +426,9 @@ class ItemModel(PreTrainedModel):
     ) -> dict[str, torch.Tensor]:
         """View consistency: in-batch InfoNCE of each anchor against an image-only view of its row (a
         randomly re-framed, rotated, flipped, colour-jittered photo) and a title-only view (words dropped).
-        Returns {"view_image", "view_title"}, each where the batch has two rows or more for it.
+        Returns {"view_image", "view_title"}, each where the batch has two rows or more for it, and with
+        config.view_cross_weight "view_cross": the image-only view against the title-only view of the rows
+        that have both (symmetric InfoNCE).
 
         The image-only pass is [CLS] [SEP] + patches and the title-only pass has no patches, as the
         processor makes such rows at inference, so they cost 2+N and T positions, not T+N each.
@@ -437,15 +443,20 @@ class ItemModel(PreTrainedModel):
                                                c.view_zoom_out_max, c.view_rotation_max_deg, c.view_backdrop)
             hidden, stream_mask, _ = self.forward_encoder(ids[image_rows], mask[image_rows], pixels,
                                                           has_image[image_rows])
-            views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
-            terms["view_image"] = objectives.info_nce(anchors[image_rows], views, c.contrastive_temperature)
+            image_views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
+            terms["view_image"] = objectives.info_nce(anchors[image_rows], image_views, c.contrastive_temperature)
         title_rows = anchor_ok & has_title
         if title_rows.sum() >= 2:
             ids, mask = objectives.drop_tokens(input_ids[title_rows], attention_mask[title_rows], c.view_token_drop,
                                                (c.cls_token_id, c.sep_token_id), c.pad_token_id, generator)
             hidden, stream_mask, _ = self.forward_encoder(ids, mask, None, torch.zeros_like(has_image[title_rows]))
-            views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
-            terms["view_title"] = objectives.info_nce(anchors[title_rows], views, c.contrastive_temperature)
+            title_views = F.normalize(self.pool(hidden, stream_mask, c.view_pooling).float(), dim=-1)
+            terms["view_title"] = objectives.info_nce(anchors[title_rows], title_views, c.contrastive_temperature)
+        both = image_rows & title_rows
+        if c.view_cross_weight > 0 and both.sum() >= 2:
+            photos, titles = image_views[both[image_rows]], title_views[both[title_rows]]
+            terms["view_cross"] = (objectives.info_nce(photos, titles, c.contrastive_temperature)
+                                   + objectives.info_nce(titles, photos, c.contrastive_temperature)) / 2
         return terms
 
     def forward_losses(

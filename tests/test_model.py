@@ -343,6 +343,19 @@ def test_view_consistency_is_a_switchable_objective_that_trains_the_image_stream
     assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 
 
+def test_the_cross_modal_view_term_is_off_by_default_and_reaches_the_patch_stem_alone(tokenizer):
+    off = {f"use_{o}": False for o in OBJECTIVES}
+    cfg = preset_config("tiny", tokenizer, use_view_contrastive=True, view_cross_weight=2.0, **off)
+    model = ItemModel(cfg).train()
+    losses = model(**make_batch(tokenizer, cfg), generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {"view", "view_image", "view_title", "view_cross", "loss"} and losses["view_cross"] > 0
+    torch.testing.assert_close(losses["loss"], losses["view"] + 2.0 * losses["view_cross"])
+    model.zero_grad()
+    losses["view_cross"].backward()  # photo against title, no joint anchor: both streams learn from it
+    assert model.embeddings.patch_projection.weight.grad.abs().sum() > 0
+    assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
 def test_info_nce_prefers_matching_rows():
     a = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     matched = objectives.info_nce(a, a, 0.05)
