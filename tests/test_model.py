@@ -344,6 +344,7 @@ def test_view_consistency_is_a_switchable_objective_that_trains_the_image_stream
 
 
 def test_the_cross_modal_view_term_is_off_by_default_and_reaches_the_patch_stem_alone(tokenizer):
+    assert preset_config("tiny", tokenizer, variant="item_contrastive").view_cross_weight == 0  # no variant turns it on
     off = {f"use_{o}": False for o in OBJECTIVES}
     cfg = preset_config("tiny", tokenizer, use_view_contrastive=True, view_cross_weight=2.0, **off)
     model = ItemModel(cfg).train()
