@@ -248,7 +248,7 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str], device:
         model.config.pooling = other
         out[f"{variant} ({other} pooling)"] = loaded_model_embedder(Encoder.of(model, device), processor)
         model, processor = load_model_dir(trained[variant]["dir"])
-        model.embedding_center.zero_()
+        model.reset_embedding_space()
         out[f"{variant} (no centring)"] = loaded_model_embedder(Encoder.of(model, device), processor)
     return out
 
@@ -268,14 +268,14 @@ def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list
     out = {}
     for variant in [v for v in variants if v in trained and (dims or shrinks)]:
         model, processor = load_model_dir(trained[variant]["dir"])
-        model.embedding_center.zero_()
+        model.reset_embedding_space()
         raw = loaded_model_embedder(Encoder.of(model, device), processor)
         e = raw(fit.column("title").to_pylist(), fit.column("image").to_pylist()).astype(np.float64)
         mean = e.mean(0)
         values, vectors = np.linalg.eigh(np.cov((e - mean).T))
         values, vectors = values[::-1], vectors[:, ::-1]
-        scalings = {f"whitened, {k or len(values)} dims": vectors[:, :k or len(values)]
-                    / np.sqrt(np.maximum(values[:k or len(values)], 1e-6 * values[0])) for k in dims}
+        kept = [k or len(values) for k in dims]
+        scalings = {f"whitened, {k} dims": vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0])) for k in kept}
         scalings.update({f"whitened, shrink {eps:g}": vectors / np.sqrt(np.maximum(values, 0) + eps * values.mean())
                          for eps in shrinks})
         for name, w in scalings.items():

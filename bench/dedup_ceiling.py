@@ -65,7 +65,7 @@ def main(catalog: str, models: tuple[str, ...], group_col: str, defect_col: str,
         embedders[f"{md} (title alone)"] = lambda t, i, embed=embed: embed(t, [None] * len(i))
         model, processor = load_model_dir(md)
         model.config.pooling = "mean" if model.config.pooling == "cls" else "cls"
-        model.embedding_center.zero_()
+        model.reset_embedding_space()
         embedders[f"{md} ({model.config.pooling} pooling, no centre)"] = loaded_model_embedder(Encoder.of(model), processor)
 
     print(f"{len(titles)} clean rows, {sum(n * (n - 1) // 2 for n in collections.Counter(groups).values())} same-group pairs\n")

@@ -207,11 +207,14 @@ class ItemModel(PreTrainedModel):
         self.embeddings = ItemEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.heads = ItemPretrainingHeads(config)
-        # the corpus mean of the published vectors, subtracted inside `encode` (zeros: nothing is subtracted).
-        # Fitted on the training catalog at the end of pretraining (fit_embedding_center) and saved with the
-        # weights, so every consumer of the model dir gets the same vectors. Without it, a briefly trained
-        # encoder's vectors share one dominant direction and every pair looks alike.
+        # the corpus mean of the published vectors, subtracted inside `encode`, and a linear map applied to
+        # what is left (zeros and the identity: nothing changes). Fitted on the training catalog at the end of
+        # pretraining (fit_embedding_space) and saved with the weights, so every consumer of the model dir gets
+        # the same vectors. Without the centre, a briefly trained encoder's vectors share one dominant
+        # direction and every pair looks alike; the (partial) whitening damps the few directions that still
+        # dominate what is left. A model dir saved before the whitening existed loads with the identity.
         self.register_buffer("embedding_center", torch.zeros(config.hidden_size))
+        self.register_buffer("embedding_whitening", torch.eye(config.hidden_size))
         self.post_init()
 
     @torch.no_grad()
@@ -227,6 +230,7 @@ class ItemModel(PreTrainedModel):
                 init.normal_(stem.projection.weight, std=stem.projection.in_features ** -0.5)
         if isinstance(module, ItemModel):
             init.zeros_(module.embedding_center)
+            init.eye_(module.embedding_whitening)
 
     @property
     def embedding_dim(self) -> int:
@@ -311,29 +315,46 @@ class ItemModel(PreTrainedModel):
         has_image: torch.Tensor,
     ) -> torch.Tensor:
         """The product embedding, [B, D] float32: the pooled final state (config.pooling), L2-normalised,
-        minus the corpus mean fitted in pretraining (embedding_center), L2-normalised again.
+        minus the corpus mean fitted in pretraining (embedding_center), times its whitening
+        (embedding_whitening), L2-normalised again.
 
         A row may lack a modality: `has_image=False`, or a title of just [CLS] [SEP].
         """
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         hidden, mask, _ = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image)
         vectors = F.normalize(self.pool(hidden, mask).float(), dim=-1)
-        return F.normalize(vectors - self.embedding_center.float(), dim=-1)
+        return F.normalize((vectors - self.embedding_center.float()) @ self.embedding_whitening.float(), dim=-1)
 
     @torch.no_grad()
-    def fit_embedding_center(self, batches: Iterable[dict[str, torch.Tensor]]) -> int:
-        """Set embedding_center to the mean of the (uncentred) vectors of `batches` (model inputs, e.g. a
-        sample of the training catalog); returns the number of rows it was fitted on."""
+    def reset_embedding_space(self) -> None:
+        """No centre, no whitening: `encode` gives the normalised pooled state."""
         self.embedding_center.zero_()
-        total, rows = torch.zeros_like(self.embedding_center, dtype=torch.float32), 0
-        for batch in batches:
-            vectors = self.encode(**batch)
-            total += vectors.sum(dim=0)
-            rows += vectors.shape[0]
-        if rows == 0:
-            raise ValueError("fit_embedding_center got no rows")
-        self.embedding_center.copy_(total / rows)
-        return rows
+        self.embedding_whitening.copy_(torch.eye(self.config.hidden_size))
+
+    @torch.no_grad()
+    def fit_embedding_space(self, batches: Iterable[dict[str, torch.Tensor]], whiten_shrink: float | None = None) -> int:
+        """Fit embedding_center to the mean of the raw vectors of `batches` (model inputs, e.g. a sample of
+        the training catalog) and, with `whiten_shrink` (eps > 0), embedding_whitening to a partial PCA
+        whitening of them (BERT-whitening, Su et al. 2021, damped): every principal direction scaled by
+        1/sqrt(variance + eps x the mean variance), so the dominant directions shrink and the faint ones are
+        not blown up. None: the identity (centring only). Returns the number of rows it was fitted on."""
+        if whiten_shrink is not None and not whiten_shrink > 0:
+            raise ValueError(f"whiten_shrink must be > 0 (or None: no whitening), got {whiten_shrink}")
+        self.reset_embedding_space()
+        vectors = [self.encode(**batch).double() for batch in batches]  # [B, D] raw (normalised) vectors
+        if not vectors:
+            raise ValueError("fit_embedding_space got no rows")
+        vectors = torch.cat(vectors)  # [R, D]
+        mean = vectors.mean(dim=0)
+        self.embedding_center.copy_(mean)
+        if whiten_shrink is not None:
+            centred = vectors - mean
+            variances, directions = torch.linalg.eigh(centred.T @ centred / len(vectors))  # ascending, [D], [D, D]
+            variances = variances.clamp_min(0.0)
+            scale = 1.0 / torch.sqrt(variances + whiten_shrink * variances.mean())
+            # rotated back (ZCA): the vectors keep their axes; the cosines are those of the PCA form
+            self.embedding_whitening.copy_(directions * scale @ directions.T)
+        return len(vectors)
 
     # --- phase 2: pretraining losses -------------------------------------------------------------
 

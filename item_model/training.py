@@ -70,6 +70,10 @@ class TrainConfig:
     # rows of the (shuffled) training catalog whose mean vector becomes the model's embedding_center at
     # export (0: no centring): removes the direction every vector shares (see ItemModel.encode)
     center_rows: int = 2048
+    # with centring, the same rows also fit a partial whitening of the centred vectors (ItemModel.
+    # fit_embedding_space): each principal direction scaled by 1/sqrt(variance + whiten_shrink x the mean
+    # variance); None: centring only
+    whiten_shrink: float | None = None
     # ItemConfig fields to override on the preset: objective switches and weights for ablations and
     # baselines, e.g. {"use_global_mlm": False, "use_global_mim": False} is the ViLT-style baseline
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
         if self.fresh_lr_scale <= 0 or self.center_rows < 0:
             raise ValueError("fresh_lr_scale must be > 0 and center_rows >= 0")
+        if self.whiten_shrink is not None and not self.whiten_shrink > 0:
+            raise ValueError(f"whiten_shrink must be > 0 (or None: centring only), got {self.whiten_shrink}")
         if self.start_frozen_steps and (not self.init_from or not 0 < self.start_frozen_steps < self.steps):
             raise ValueError(f"start_frozen_steps ({self.start_frozen_steps}) needs init_from (a start to hold) and "
                              f"must be in [0, steps={self.steps})")
@@ -116,8 +122,8 @@ class TrainConfig:
 
 
 # Fields that may change when a run is resumed; the others shape the model or the data and must match.
-RESUMABLE_CHANGES = {"steps", "center_rows", "vocab_size", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
-                     "checkpoint_every", "report_every", "preprocess_batch_size", "fail_at_step"}
+RESUMABLE_CHANGES = {"steps", "center_rows", "whiten_shrink", "vocab_size", "num_workers", "use_gpu", "cpus_per_worker",
+                     "torch_threads", "max_failures", "checkpoint_every", "report_every", "preprocess_batch_size", "fail_at_step"}
 
 
 # --- the per-step math --------------------------------------------------------------------------------

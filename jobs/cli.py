@@ -117,6 +117,10 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
               help="With --init-from: the start's parameters stay fixed for the first N steps while the image "
                    "stream and heads learn against it; then they warm up [default: 20% of --steps with "
                    "--init-from, else 0].")
+@click.option("--whiten-shrink", default=None, metavar="EPS|none",
+              help="At export, after centring: scale each principal direction of the training catalog's vectors "
+                   "by 1/sqrt(variance + EPS x the mean variance) (EPS > 0), or 'none' for centring only "
+                   "[default: TrainConfig.whiten_shrink].")
 @click.option("--resume", is_flag=True, help="Continue the run kept beside OUT_DIR from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Discard a previous run and model dir at OUT_DIR and start again.")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=2, show_default=True,
@@ -126,7 +130,7 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, masking and image swaps.")
 def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, workers: int, gpu: bool, steps: int,
              batch_size: int, lr: float, warmup_steps: int | None, checkpoint_every: int, init_from: str | None,
-             fresh_lr_scale: float, start_frozen_steps: int | None, resume: bool,
+             fresh_lr_scale: float, start_frozen_steps: int | None, whiten_shrink: str | None, resume: bool,
              overwrite: bool, max_failures: int, column_map: str | None, seed: int) -> None:
     """Pretrain an ITEm model on CATALOG (Parquet file/dir, local or s3://) into the model dir OUT_DIR.
 
@@ -156,6 +160,7 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
         warmup_steps=warmup_steps if warmup_steps is not None else steps // 10,
         checkpoint_every=checkpoint_every, num_workers=workers, use_gpu=gpu, max_failures=max_failures,
         init_from=init_from, seed=seed, columns=_column_overrides(column_map),
+        **({} if whiten_shrink is None else {"whiten_shrink": _shrink(whiten_shrink)}),
     )
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
@@ -536,6 +541,16 @@ def _column_overrides(spec: str | None) -> dict[str, str]:
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--column-map") from err
     return {k: v for k, v in columns.to_dict().items() if v != getattr(ColumnMap(), k)}
+
+
+def _shrink(text: str) -> float | None:
+    """--whiten-shrink EPS|none -> TrainConfig.whiten_shrink."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"expects a number > 0 or 'none', got {text!r}", param_hint="--whiten-shrink") from None
 
 
 def _name_value(text: str) -> tuple[str, str]:

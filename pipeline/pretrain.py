@@ -214,10 +214,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def fit_center(model: ItemModel, dataset: ray.data.Dataset, rows: int, batch_size: int = 128) -> int:
-    """Fit the model's embedding_center on the first `rows` usable rows of the (shuffled) training
-    dataset, on the driver's CPU; returns the rows used (0: centring off, or a two-stream model)."""
-    if rows == 0 or not hasattr(model, "fit_embedding_center"):
+def fit_embedding_space(model: ItemModel, dataset: ray.data.Dataset, rows: int, whiten_shrink: float | None,
+                        batch_size: int = 128) -> int:
+    """Fit the model's embedding centre and whitening (ItemModel.fit_embedding_space) on the first `rows`
+    usable rows of the (shuffled) training dataset, on the driver's CPU; returns the rows used (0: centring
+    off, or a two-stream model)."""
+    if rows == 0 or not hasattr(model, "fit_embedding_space"):
         return 0
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -227,7 +229,7 @@ def fit_center(model: ItemModel, dataset: ray.data.Dataset, rows: int, batch_siz
             if keep.any():
                 yield {k: v[keep] for k, v in batch.items()}
 
-    return model.eval().fit_embedding_center(batches())
+    return model.eval().fit_embedding_space(batches(), whiten_shrink)
 
 
 # --- the driver side ----------------------------------------------------------------------------------
@@ -397,7 +399,8 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         state = load_checkpoint(d, model)
     if state["step"] != cfg.steps:
         raise RuntimeError(f"the latest checkpoint is at step {state['step']}, expected {cfg.steps}")
-    center_rows = fit_center(model, build_dataset(catalog_uri, processor, cfg), cfg.center_rows)
+    center_rows = fit_embedding_space(model, build_dataset(catalog_uri, processor, cfg), cfg.center_rows,
+                                      cfg.whiten_shrink)
     with storage.staging(out_dir) as stage:
         version = save_model_dir(model, processor, stage)
         history = state["history"]
@@ -416,6 +419,7 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
             "train_seconds_this_attempt": round(train_s, 1),
             "start": start.to_dict() if start else {"name": "random", "seed": cfg.seed},
             "embedding_center_rows": center_rows,
+            "embedding_whitening_shrink": cfg.whiten_shrink if center_rows else None,
             "catalog": catalog_uri,
             "train_config": cfg.to_dict(),
         }

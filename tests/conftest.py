@@ -54,7 +54,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     model = ItemModel(preset_config("tiny", tok)).eval()
     processor = ItemProcessor(tok, image_size=model.config.image_size, max_title_len=model.config.max_title_len)
     inputs = processor(titles, catalog.column("image").to_pylist())
-    model.fit_embedding_center([{k: torch.from_numpy(v) for k, v in inputs.items() if k != "image_error"}])
+    model.fit_embedding_space([{k: torch.from_numpy(v) for k, v in inputs.items() if k != "image_error"}])
     directory = str(tmp_path_factory.mktemp("tiny-model"))
     save_model_dir(model, processor, directory)
     return directory

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from item_model import (
     PRESETS, VARIANTS, ItemModel, ItemProcessor, build_model, load_model_dir, preset_config, read_model_version,
@@ -315,13 +317,45 @@ def test_corpus_centre_spreads_collinear_vectors_and_is_saved(tokenizer, tmp_pat
 
     before = model.encode(**batch)
     assert mean_cos(before) > 0.9  # a random encoder's [CLS] vectors point one way
-    assert model.fit_embedding_center([batch]) == 32
+    assert model.fit_embedding_space([batch]) == 32
     after = model.encode(**batch)
     assert mean_cos(after) < 0.1
     torch.testing.assert_close(after.norm(dim=-1), torch.ones(32))
     save_model_dir(model, ItemProcessor(tokenizer, cfg.image_size, cfg.max_title_len), str(tmp_path))
     loaded, _ = load_model_dir(str(tmp_path))
     torch.testing.assert_close(loaded.encode(**batch), after, rtol=0, atol=0)
+
+
+def test_partial_whitening_evens_out_the_leading_directions_and_an_old_model_dir_loads_without_it(tokenizer, tmp_path):
+    cfg = preset_config("tiny", tokenizer)
+    model = ItemModel(cfg).eval()
+    batch = make_batch(tokenizer, cfg, n=96)  # more rows than the 32 dimensions
+
+    def spectrum(e):  # the variances of the published vectors along their principal directions, descending
+        return torch.linalg.eigvalsh(torch.cov(e.double().T)).flip(0)
+
+    model.fit_embedding_space([batch])
+    centred = model.encode(**batch)
+    model.fit_embedding_space([batch], whiten_shrink=1.0)
+    whitened = model.encode(**batch)
+    lead_centred, lead_whitened = (float(s[0] / s.mean()) for s in (spectrum(centred), spectrum(whitened)))
+    assert lead_whitened < 0.7 * lead_centred, (lead_centred, lead_whitened)
+    torch.testing.assert_close(whitened.norm(dim=-1), torch.ones(96))
+    model.fit_embedding_space([batch], whiten_shrink=1e9)  # a huge shrink scales every direction alike
+    torch.testing.assert_close(model.encode(**batch), centred, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="whiten_shrink must be > 0"):
+        model.fit_embedding_space([batch], whiten_shrink=0.0)
+
+    # a model dir saved before the whitening existed: its weights without the buffer load with the identity
+    model.fit_embedding_space([batch])
+    save_model_dir(model, ItemProcessor(tokenizer, cfg.image_size, cfg.max_title_len), str(tmp_path))
+    weights = os.path.join(tmp_path, "model.safetensors")
+    state = load_file(weights)
+    del state["embedding_whitening"]
+    save_file(state, weights, metadata={"format": "pt"})
+    loaded, _ = load_model_dir(str(tmp_path))
+    torch.testing.assert_close(loaded.embedding_whitening, torch.eye(32), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(**batch), centred, rtol=0, atol=1e-6)
 
 
 def test_view_consistency_is_a_switchable_objective_that_trains_the_image_stream(tokenizer):

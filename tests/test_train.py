@@ -251,6 +251,14 @@ def test_train_config_rejects_unknown_fields_and_presets():
         TrainConfig(preset="huge").check()
     with pytest.raises(ValueError, match="unknown variant"):
         TrainConfig(variant="vilt").check()
+    with pytest.raises(ValueError, match="whiten_shrink must be > 0"):
+        TrainConfig(whiten_shrink=0.0).check()
+
+
+def test_cli_whiten_shrink_takes_a_number_or_none_and_names_the_fix(tmp_path):
+    result = CliRunner().invoke(main, ["pretrain", "missing.parquet", str(tmp_path / "m"), "--whiten-shrink", "lots"])
+    assert result.exit_code == 2 and "--whiten-shrink" in result.output and "'none'" in result.output
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_variant_choices_are_the_model_variants():
@@ -370,7 +378,7 @@ def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor,
     _save_tiny_bert(bert_dir, train_tokenizer(titles, vocab_size=300))
     out = str(tmp_path / "model")
     cfg = _cfg(steps=4, warmup_steps=1, checkpoint_every=4, report_every=2, num_workers=1, init_from=bert_dir,
-               start_frozen_steps=3)
+               start_frozen_steps=3, whiten_shrink=1.0)
     pretrain(catalog, out, cfg)
     model, proc = load_model_dir(out)
     assert json.load(open(os.path.join(out, "tokenizer.json"))) == json.load(open(os.path.join(bert_dir, "tokenizer.json")))
@@ -379,6 +387,7 @@ def test_pretrain_from_a_tiny_bert_uses_its_vocab(ray_local, catalog, processor,
     assert manifest["start"]["name"] == "local" and len(manifest["start"]["sha256"]) == 64
     assert manifest["torch_threads_per_worker"] == os.cpu_count()  # one worker uses every core, not Ray's 1
     assert manifest["embedding_center_rows"] > 0 and model.embedding_center.abs().sum() > 0
+    assert manifest["embedding_whitening_shrink"] == 1.0 and not torch.equal(model.embedding_whitening, torch.eye(32))
     # the start is held for 3 steps: the start's learning rate after step 2 (the first report) is 0
     assert manifest["train_config"]["start_frozen_steps"] == 3 and manifest["history"][0]["lr"] == 0.0
 
