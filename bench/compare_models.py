@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-frozen-steps", type=int, default=None,
                    help="With a start: its parameters stay fixed for this many first steps while the fresh ones "
                         "learn (default: 20%% of --steps; 0: none).")
+    p.add_argument("--export-whiten-shrink", default=None, metavar="EPS|none",
+                   help="The trained models' own partial whitening at export (TrainConfig.whiten_shrink; none: "
+                        "centring only, as before run 12w; default: the library's).")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                    help="ItemConfig field set on every variant, e.g. global_mim_weight=2.0 (repeatable).")
     p.add_argument("--group-col", default="dup_group", help="Duplicate-group column of the catalog.")
@@ -157,6 +160,8 @@ def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
             warmup_steps=args.steps // 10, checkpoint_every=max(1, args.steps // 3), report_every=25,
             num_workers=1, use_gpu=args.gpu, torch_threads=args.train_threads, seed=args.seed,
             model_overrides=dict(args.overrides),
+            **({} if args.export_whiten_shrink is None else
+               {"whiten_shrink": None if args.export_whiten_shrink == "none" else float(args.export_whiten_shrink)}),
         )
         # an interrupted comparison resumes: a published dir at these settings is kept as it is
         resume = os.path.exists(os.path.join(work_dir_for(os.path.abspath(model_dir)), "train_config.json"))
@@ -198,6 +203,10 @@ def training_section(trained: dict[str, dict], args: argparse.Namespace, split: 
     if frozen - {0}:
         lines.append(f"- the start's parameters fixed for the first {', '.join(map(str, sorted(frozen)))} steps (only the fresh ones "
                      "learn), then warmed up again")
+    shrinks = {t["manifest"].get("embedding_whitening_shrink") for t in trained.values()}
+    lines.append(f"- published vector: centred on the training catalog, whitened in part with shrink "
+                 f"{', '.join(map(str, sorted(shrinks - {None})))}" if shrinks - {None} else
+                 "- published vector: not whitened (centred, where the model has a centre)")
     if args.overrides:
         lines.append(f"- ItemConfig overrides on every variant: `{json.dumps(args.overrides)}`")
     lines += [

@@ -72,8 +72,9 @@ class TrainConfig:
     center_rows: int = 2048
     # with centring, the same rows also fit a partial whitening of the centred vectors (ItemModel.
     # fit_embedding_space): each principal direction scaled by 1/sqrt(variance + whiten_shrink x the mean
-    # variance); None: centring only
-    whiten_shrink: float | None = None
+    # variance); None: centring only. 1 lifted category k-NN by 0.05-0.06 and re-listings by 0.006-0.030 on
+    # three splits (docs/evaluation.md, run 12w)
+    whiten_shrink: float | None = 1.0
     # ItemConfig fields to override on the preset: objective switches and weights for ablations and
     # baselines, e.g. {"use_global_mlm": False, "use_global_mim": False} is the ViLT-style baseline
     model_overrides: dict[str, Any] = field(default_factory=dict)

@@ -120,7 +120,7 @@ def make_sample_catalog(out: str, n_items: int, seed: int, rows_per_file: int | 
 @click.option("--whiten-shrink", default=None, metavar="EPS|none",
               help="At export, after centring: scale each principal direction of the training catalog's vectors "
                    "by 1/sqrt(variance + EPS x the mean variance) (EPS > 0), or 'none' for centring only "
-                   "[default: TrainConfig.whiten_shrink].")
+                   "[default: 1].")
 @click.option("--resume", is_flag=True, help="Continue the run kept beside OUT_DIR from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Discard a previous run and model dir at OUT_DIR and start again.")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=2, show_default=True,

@@ -8,6 +8,7 @@ import ray
 import torch
 
 from item_model import ItemModel, ItemProcessor, preset_config, save_model_dir, train_tokenizer
+from item_model.training import TrainConfig
 from pipeline.sample_catalog import make_sample_catalog
 from tests.index_data import Catalog, make_catalog, write_embedding_table
 
@@ -46,7 +47,7 @@ def ray_local(s3_env):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A complete model dir of the tiny preset, its tokenizer trained on sample-catalog titles and its
-    corpus centre fitted on them, as pretraining leaves every model dir (random weights otherwise: their
+    corpus centre and whitening fitted on them, as pretraining leaves every model dir (random weights otherwise: their
     uncentred vectors all point one way, which the dedup stage's sanity gate rightly refuses)."""
     catalog = make_sample_catalog(TINY_CATALOG_ROWS, seed=123)
     titles = catalog.column("title").to_pylist()
@@ -54,7 +55,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     model = ItemModel(preset_config("tiny", tok)).eval()
     processor = ItemProcessor(tok, image_size=model.config.image_size, max_title_len=model.config.max_title_len)
     inputs = processor(titles, catalog.column("image").to_pylist())
-    model.fit_embedding_space([{k: torch.from_numpy(v) for k, v in inputs.items() if k != "image_error"}])
+    model.fit_embedding_space([{k: torch.from_numpy(v) for k, v in inputs.items() if k != "image_error"}],
+                              whiten_shrink=TrainConfig.whiten_shrink)
     directory = str(tmp_path_factory.mktemp("tiny-model"))
     save_model_dir(model, processor, directory)
     return directory

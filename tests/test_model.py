@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
@@ -353,7 +354,14 @@ def test_partial_whitening_evens_out_the_leading_directions_and_an_old_model_dir
     state = load_file(weights)
     del state["embedding_whitening"]
     save_file(state, weights, metadata={"format": "pt"})
-    loaded, _ = load_model_dir(str(tmp_path))
+    reports = io.StringIO()
+    handler = logging.StreamHandler(reports)
+    logging.getLogger("transformers").addHandler(handler)  # where transformers' load report goes
+    try:
+        loaded, _ = load_model_dir(str(tmp_path))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert "embedding_whitening" not in reports.getvalue()  # no "newly initialized" load report
     torch.testing.assert_close(loaded.embedding_whitening, torch.eye(32), rtol=0, atol=0)
     torch.testing.assert_close(loaded.encode(**batch), centred, rtol=0, atol=1e-6)
 
