@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--whiten-shrink", type=float, nargs="*", default=[], metavar="EPS",
                    help="Also evaluate each --same-weights variant partly whitened: every principal direction scaled "
                         "by 1/sqrt(variance + EPS x the mean variance) (0: full whitening; large: the centred vector).")
+    p.add_argument("--whiten-fit", nargs="+", default=["joint"], choices=["joint", "title", "image"],
+                   help="What the --whiten/--whiten-shrink matrices are fitted on: the pretraining rows' joint "
+                        "vectors (as the model's own whitening is), or their title-only or photo-only vectors.")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.same_weights = [v for v in args.same_weights.split(",") if v]
@@ -263,37 +266,44 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str], device:
 
 
 def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list[int], train_catalog: str,
-                       device: str = "cpu", fit_rows: int = 2048, shrinks: list[float] = ()) -> dict:
+                       device: str = "cpu", fit_rows: int = 2048, shrinks: list[float] = (),
+                       fits: list[str] = ("joint",)) -> dict:
     """PCA-whitened vectors of the same weights (BERT-whitening, Su et al. 2021), an inference-time choice
     measured before it is built in: the uncentred vectors of the first `fit_rows` pretraining rows give a
     mean and a covariance; a vector becomes (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping
     each of `dims` leading directions (0: all). Each of `shrinks` (eps) adds a partial whitening of every
-    direction, 1/sqrt(s + eps x mean(s)): the dominant directions are damped, the faint ones not blown up."""
+    direction, 1/sqrt(s + eps x mean(s)): the dominant directions are damped, the faint ones not blown up.
+    Each of `fits` says which vectors of those rows the mean and covariance come from: "joint" (title and
+    photo, as the model's own whitening), "title" (photo left out) or "image" (title blanked)."""
     from item_model import load_model_dir
     from pipeline.encode import Encoder
     from pipeline.eval_embedders import loaded_model_embedder
 
     fit = pq.read_table(train_catalog, columns=["title", "image"]).slice(0, fit_rows)
+    titles, images = fit.column("title").to_pylist(), fit.column("image").to_pylist()
+    inputs = {"joint": (titles, images), "title": (titles, [None] * len(titles)), "image": ([""] * len(titles), images)}
     out = {}
     for variant in [v for v in variants if v in trained and (dims or shrinks)]:
         model, processor = load_model_dir(trained[variant]["dir"])
         model.reset_embedding_space()
         raw = loaded_model_embedder(Encoder.of(model, device), processor)
-        e = raw(fit.column("title").to_pylist(), fit.column("image").to_pylist()).astype(np.float64)
-        mean = e.mean(0)
-        values, vectors = np.linalg.eigh(np.cov((e - mean).T))
-        values, vectors = values[::-1], vectors[:, ::-1]
-        kept = [k or len(values) for k in dims]
-        scalings = {f"whitened, {k} dims": vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0])) for k in kept}
-        scalings.update({f"whitened, shrink {eps:g}": vectors / np.sqrt(np.maximum(values, 0) + eps * values.mean())
-                         for eps in shrinks})
-        for name, w in scalings.items():
+        for which in fits:
+            e = raw(*inputs[which]).astype(np.float64)
+            mean = e.mean(0)
+            values, vectors = np.linalg.eigh(np.cov((e - mean).T))
+            values, vectors = values[::-1], vectors[:, ::-1]
+            kept = [k or len(values) for k in dims]
+            scalings = {f"whitened, {k} dims": vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0]))
+                        for k in kept}
+            scalings.update({f"whitened, shrink {eps:g}": vectors / np.sqrt(np.maximum(values, 0) + eps * values.mean())
+                             for eps in shrinks})
+            for name, w in scalings.items():
 
-            def embed(titles, images, raw=raw, mean=mean, w=w):
-                x = (raw(titles, images) - mean) @ w
-                return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+                def embed(titles, images, raw=raw, mean=mean, w=w):
+                    x = (raw(titles, images) - mean) @ w
+                    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-            out[f"{variant} ({name})"] = embed
+                out[f"{variant} ({name}{'' if which == 'joint' else f', fit on {which}-only'})"] = embed
     return out
 
 
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     embedders = {v: model_embedder(t["dir"], batch_size=64, device=device) for v, t in trained.items()}
     embedders.update(same_weight_embedders(trained, args.same_weights, device))
     embedders.update(whitened_embedders(trained, args.same_weights, args.whiten, catalog, device,
-                                        shrinks=args.whiten_shrink))
+                                        shrinks=args.whiten_shrink, fits=args.whiten_fit))
     embedders.update(baseline_embedders([r for r in args.references.split(",") if r], titles))
     results = evaluate(table, embedders, options)
     phases["evaluate"] = time.perf_counter() - t0

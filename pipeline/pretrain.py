@@ -47,7 +47,7 @@ from item_model.training import (
 )
 
 from . import storage
-from .catalog import ColumnMap, read_rows, validate_schema
+from .catalog import ColumnMap, open_dataset, read_rows, validate_schema
 from .rows import OK, Preprocess
 
 RUN_NAME = "run"  # Ray Train run name inside the work dir
@@ -91,9 +91,11 @@ def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig, 
 
 
 def iter_titles(catalog_uri: str, column: str) -> Iterator[str]:
-    """Stream the title column only (for tokenizer training)."""
-    for batch in read_rows(catalog_uri, [column]).iter_batches(batch_size=4096, batch_format="pyarrow"):
-        yield from (t for t in batch.column(column).to_pylist() if t)
+    """Stream the title column only, for the tokenizer the driver trains: pyarrow batches straight from the
+    catalog's files (the same files as read_rows), since a Ray Data job would only hand them to this one
+    consumer, after its own start-up."""
+    for batch in open_dataset(catalog_uri).to_batches(columns=[column], batch_size=4096):
+        yield from (t for t in batch.column(0).to_pylist() if t)
 
 
 # --- the loop each Ray Train worker runs -----------------------------------------------------------
