@@ -261,7 +261,7 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str], device:
         out[f"{variant} ({other} pooling)"] = loaded_model_embedder(Encoder.of(model, device), processor)
         model, processor = load_model_dir(trained[variant]["dir"])
         model.reset_embedding_space()
-        out[f"{variant} (no centring)"] = loaded_model_embedder(Encoder.of(model, device), processor)
+        out[f"{variant} (no centring, no whitening)"] = loaded_model_embedder(Encoder.of(model, device), processor)
     return out
 
 
