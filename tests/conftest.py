@@ -1,7 +1,10 @@
 """Shared fixtures: local Ray, a tiny model dir (fresh tokenizer, random weights), and a generated
-embedding table with its sharded index."""
+embedding table with its sharded index; and how the test process ends."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import ray
@@ -82,3 +85,25 @@ def ivf_index_uri(tmp_path_factory, embeddings_uri, ray_local) -> str:
     uri = str(tmp_path_factory.mktemp("idx") / "ivf")
     build_index(embeddings_uri, uri, IndexBuildConfig(n_shards=3, spec="IVF64,Flat", n_eval_queries=300, n_tune_queries=200))
     return uri
+
+
+# --- how the test process ends ---------------------------------------------------------------------------
+
+_session: list[pytest.Session] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _session.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the process with pytest's exit status once pytest is done (summary printed, cache written), not in
+    the interpreter's own shutdown: there, now and then, a native library's background thread calls into
+    freed memory after every test has passed (the kernel log: `segfault at X ip X`, a jump to a freed
+    address from a thread's stack), and the process dies with SIGSEGV instead of 0. Failures keep their
+    status; only that shutdown is skipped."""
+    if _session:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(_session[0].exitstatus))
