@@ -50,8 +50,9 @@ def ray_local(s3_env):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A complete model dir of the tiny preset, its tokenizer trained on sample-catalog titles and its
-    corpus centre and whitening fitted on them, as pretraining leaves every model dir (random weights otherwise: their
-    uncentred vectors all point one way, which the dedup stage's sanity gate rightly refuses)."""
+    corpus centre and whitening fitted on them, as pretraining leaves every model dir (random weights
+    otherwise: their uncentred vectors all point one way, which the dedup stage's sanity gate rightly
+    refuses)."""
     catalog = make_sample_catalog(TINY_CATALOG_ROWS, seed=123)
     titles = catalog.column("title").to_pylist()
     tok = train_tokenizer(titles, vocab_size=300)
