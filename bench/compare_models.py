@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-frozen-steps", type=int, default=None,
                    help="With a start: its parameters stay fixed for this many first steps while the fresh ones "
                         "learn (default: 20%% of --steps; 0: none).")
-    p.add_argument("--export-whiten-shrink", default=None, metavar="EPS|none",
+    p.add_argument("--export-whiten-shrink", default=argparse.SUPPRESS, metavar="EPS|none", type=whiten_shrink,
                    help="The trained models' own partial whitening at export (TrainConfig.whiten_shrink; none: "
                         "centring only, as before run 12w; default: the library's).")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
@@ -148,6 +148,13 @@ def split_catalog(catalog: str, out: str, args: argparse.Namespace):
     return path, {"train_rows": len(train_rows), "held_out_rows": len(held_rows), "evaluated_rows": evaluated.num_rows}, evaluated
 
 
+def whiten_shrink(text: str) -> float | None:
+    """--export-whiten-shrink EPS|none (argparse reports the ValueError)."""
+    from item_model.training import parse_whiten_shrink
+
+    return parse_whiten_shrink(text)
+
+
 def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
     """Pretrain each variant with identical settings; returns variant -> {dir, seconds, manifest}."""
     from item_model.training import TrainConfig
@@ -163,8 +170,7 @@ def train_variants(catalog: str, args: argparse.Namespace) -> dict[str, dict]:
             warmup_steps=args.steps // 10, checkpoint_every=max(1, args.steps // 3), report_every=25,
             num_workers=1, use_gpu=args.gpu, torch_threads=args.train_threads, seed=args.seed,
             model_overrides=dict(args.overrides),
-            **({} if args.export_whiten_shrink is None else
-               {"whiten_shrink": None if args.export_whiten_shrink == "none" else float(args.export_whiten_shrink)}),
+            **({"whiten_shrink": args.export_whiten_shrink} if "export_whiten_shrink" in vars(args) else {}),
         )
         # an interrupted comparison resumes: a published dir at these settings is kept as it is
         resume = os.path.exists(os.path.join(work_dir_for(os.path.abspath(model_dir)), "train_config.json"))
@@ -268,13 +274,16 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str], device:
 def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list[int], train_catalog: str,
                        device: str = "cpu", fit_rows: int = 2048, shrinks: list[float] = (),
                        fits: list[str] = ("joint",)) -> dict:
-    """PCA-whitened vectors of the same weights (BERT-whitening, Su et al. 2021), an inference-time choice
-    measured before it is built in: the uncentred vectors of the first `fit_rows` pretraining rows give a
-    mean and a covariance; a vector becomes (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping
-    each of `dims` leading directions (0: all). Each of `shrinks` (eps) adds a partial whitening of every
-    direction, 1/sqrt(s + eps x mean(s)): the dominant directions are damped, the faint ones not blown up.
-    Each of `fits` says which vectors of those rows the mean and covariance come from: "joint" (title and
-    photo, as the model's own whitening), "title" (photo left out) or "image" (title blanked)."""
+    """Other embedding spaces over the same weights, fitted on the raw (uncentred) vectors of the first
+    `fit_rows` pretraining rows: each of `shrinks` (eps) is the model's own partial whitening
+    (ItemModel.set_embedding_space) at that eps; each of `dims` a truncated PCA whitening (BERT-whitening,
+    Su et al. 2021), (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping the k leading directions
+    (0: all). Each of `fits` says which vectors of those rows the fit uses: "joint" (title and photo, as the
+    model's own whitening), "title" (photo left out) or "image" (title blanked)."""
+    import copy
+
+    import torch
+
     from item_model import load_model_dir
     from pipeline.encode import Encoder
     from pipeline.eval_embedders import loaded_model_embedder
@@ -288,22 +297,26 @@ def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list
         model.reset_embedding_space()
         raw = loaded_model_embedder(Encoder.of(model, device), processor)
         for which in fits:
-            e = raw(*inputs[which]).astype(np.float64)
+            e = raw(*inputs[which])
+            fitted = f"{'' if which == 'joint' else f', fit on {which}-only'}"
+            for eps in shrinks:
+                shrunk = copy.deepcopy(model)
+                shrunk.set_embedding_space(torch.from_numpy(e), eps)
+                out[f"{variant} (whitened, shrink {eps:g}{fitted})"] = loaded_model_embedder(
+                    Encoder.of(shrunk, device), processor)
+            if not dims:
+                continue
+            e = e.astype(np.float64)
             mean = e.mean(0)
             values, vectors = np.linalg.eigh(np.cov((e - mean).T))
             values, vectors = values[::-1], vectors[:, ::-1]
-            kept = [k or len(values) for k in dims]
-            scalings = {f"whitened, {k} dims": vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0]))
-                        for k in kept}
-            scalings.update({f"whitened, shrink {eps:g}": vectors / np.sqrt(np.maximum(values, 0) + eps * values.mean())
-                             for eps in shrinks})
-            for name, w in scalings.items():
+            for k in [k or len(values) for k in dims]:
 
-                def embed(titles, images, raw=raw, mean=mean, w=w):
+                def embed(titles, images, mean=mean, w=vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0]))):
                     x = (raw(titles, images) - mean) @ w
                     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-                out[f"{variant} ({name}{'' if which == 'joint' else f', fit on {which}-only'})"] = embed
+                out[f"{variant} (whitened, {k} dims{fitted})"] = embed
     return out
 
 

@@ -67,6 +67,12 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     return input_ids[:, :t], attention_mask[:, :t]
 
 
+def check_whiten_shrink(whiten_shrink: float | None) -> None:
+    """The partial whitening's eps must be > 0; None means centring only."""
+    if whiten_shrink is not None and not whiten_shrink > 0:
+        raise ValueError(f"whiten_shrink must be > 0 (or None: centring only), got {whiten_shrink}")
+
+
 class ConvPatchStem(nn.Module):
     """A small convolutional net applied to each patch on its own (Xiao et al. 2021, "Early convolutions
     help transformers see better"): log2(P) 3x3 convolutions of stride 2 take a P x P patch to one
@@ -335,28 +341,35 @@ class ItemModel(PreTrainedModel):
 
     @torch.no_grad()
     def fit_embedding_space(self, batches: Iterable[dict[str, torch.Tensor]], whiten_shrink: float | None = None) -> int:
-        """Fit embedding_center to the mean of the raw vectors of `batches` (model inputs, e.g. a sample of
-        the training catalog) and, with `whiten_shrink` (eps > 0), embedding_whitening to a partial PCA
-        whitening of them (BERT-whitening, Su et al. 2021, damped): every principal direction scaled by
-        1/sqrt(variance + eps x the mean variance), so the dominant directions shrink and the faint ones are
-        not blown up. None: the identity (centring only). Returns the number of rows it was fitted on."""
-        if whiten_shrink is not None and not whiten_shrink > 0:
-            raise ValueError(f"whiten_shrink must be > 0 (or None: no whitening), got {whiten_shrink}")
+        """Fit the embedding space (set_embedding_space) to the raw vectors of `batches` (model inputs, e.g. a
+        sample of the training catalog). Returns the number of rows it was fitted on."""
+        check_whiten_shrink(whiten_shrink)  # before the encoding pass
         self.reset_embedding_space()
         vectors = [self.encode(**batch).double() for batch in batches]  # [B, D] raw (normalised) vectors
         if not vectors:
             raise ValueError("fit_embedding_space got no rows")
-        vectors = torch.cat(vectors)  # [R, D]
-        mean = vectors.mean(dim=0)
+        self.set_embedding_space(torch.cat(vectors), whiten_shrink)
+        return sum(len(v) for v in vectors)
+
+    @torch.no_grad()
+    def set_embedding_space(self, raw: torch.Tensor, whiten_shrink: float | None = None) -> None:
+        """embedding_center := the mean of `raw` ([R, D] raw vectors, as encode gives them after
+        reset_embedding_space) and, with `whiten_shrink` (eps > 0), embedding_whitening := a partial PCA
+        whitening of them (BERT-whitening, Su et al. 2021, damped): every principal direction scaled by
+        1/sqrt(variance + eps x the mean variance), so the dominant directions shrink and the faint ones are
+        not blown up. None: the identity (centring only)."""
+        check_whiten_shrink(whiten_shrink)
+        self.reset_embedding_space()
+        raw = raw.double()
+        mean = raw.mean(dim=0)
         self.embedding_center.copy_(mean)
         if whiten_shrink is not None:
-            centred = vectors - mean
-            variances, directions = torch.linalg.eigh(centred.T @ centred / len(vectors))  # ascending, [D], [D, D]
+            centred = raw - mean
+            variances, directions = torch.linalg.eigh(centred.T @ centred / len(raw))  # ascending, [D], [D, D]
             variances = variances.clamp_min(0.0)
             scale = 1.0 / torch.sqrt(variances + whiten_shrink * variances.mean())
             # rotated back (ZCA): the vectors keep their axes; the cosines are those of the PCA form
             self.embedding_whitening.copy_(directions * scale @ directions.T)
-        return len(vectors)
 
     # --- phase 2: pretraining losses -------------------------------------------------------------
 

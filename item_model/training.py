@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modeling import ItemModel
+from .modeling import ItemModel, check_whiten_shrink
 from .presets import PRESETS, VARIANTS
 from .processor import MODEL_INPUTS
 from .starts import NAMED_STARTS
@@ -100,8 +100,7 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
         if self.fresh_lr_scale <= 0 or self.center_rows < 0:
             raise ValueError("fresh_lr_scale must be > 0 and center_rows >= 0")
-        if self.whiten_shrink is not None and not self.whiten_shrink > 0:
-            raise ValueError(f"whiten_shrink must be > 0 (or None: centring only), got {self.whiten_shrink}")
+        check_whiten_shrink(self.whiten_shrink)
         if self.start_frozen_steps and (not self.init_from or not 0 < self.start_frozen_steps < self.steps):
             raise ValueError(f"start_frozen_steps ({self.start_frozen_steps}) needs init_from (a start to hold) and "
                              f"must be in [0, steps={self.steps})")
@@ -120,6 +119,19 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
         return cls(**d)
+
+
+def parse_whiten_shrink(text: str) -> float | None:
+    """'EPS' or 'none' (the --whiten-shrink of the CLI and the benches) -> TrainConfig.whiten_shrink."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        eps = float(text)
+    except ValueError:
+        eps = math.nan
+    if not eps > 0:
+        raise ValueError(f"expects a number > 0 or 'none', got {text!r}")
+    return eps
 
 
 # Fields that may change when a run is resumed; the others shape the model or the data and must match.

@@ -545,12 +545,12 @@ def _column_overrides(spec: str | None) -> dict[str, str]:
 
 def _shrink(text: str) -> float | None:
     """--whiten-shrink EPS|none -> TrainConfig.whiten_shrink."""
-    if text.lower() == "none":
-        return None
+    from item_model.training import parse_whiten_shrink
+
     try:
-        return float(text)
-    except ValueError:
-        raise click.BadParameter(f"expects a number > 0 or 'none', got {text!r}", param_hint="--whiten-shrink") from None
+        return parse_whiten_shrink(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--whiten-shrink") from None
 
 
 def _name_value(text: str) -> tuple[str, str]:

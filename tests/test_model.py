@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -342,6 +343,11 @@ def test_partial_whitening_evens_out_the_leading_directions_and_an_old_model_dir
     lead_centred, lead_whitened = (float(s[0] / s.mean()) for s in (spectrum(centred), spectrum(whitened)))
     assert lead_whitened < 0.7 * lead_centred, (lead_centred, lead_whitened)
     torch.testing.assert_close(whitened.norm(dim=-1), torch.ones(96))
+    # the same space from raw vectors given directly (what bench/compare_models.py fits several times)
+    other = copy.deepcopy(model)
+    other.reset_embedding_space()
+    other.set_embedding_space(other.encode(**batch), whiten_shrink=1.0)
+    torch.testing.assert_close(other.encode(**batch), whitened, rtol=0, atol=1e-6)
     model.fit_embedding_space([batch], whiten_shrink=1e9)  # a huge shrink scales every direction alike
     torch.testing.assert_close(model.encode(**batch), centred, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="whiten_shrink must be > 0"):

@@ -19,7 +19,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from item_model import ItemModel, ItemProcessor, load_model_dir, preset_config, read_model_version, train_tokenizer
-from item_model.training import TrainConfig, build_optimizer, load_checkpoint, lr_factor, save_checkpoint, train_step
+from item_model.training import (TrainConfig, build_optimizer, load_checkpoint, lr_factor, parse_whiten_shrink, save_checkpoint,
+                                 train_step)
 from pipeline import storage
 from pipeline.catalog import ColumnMap
 from pipeline.pretrain import TrainRows, build_dataset, pretrain, work_dir_for
@@ -256,9 +257,11 @@ def test_train_config_rejects_unknown_fields_and_presets():
 
 
 def test_cli_whiten_shrink_takes_a_number_or_none_and_names_the_fix(tmp_path):
-    result = CliRunner().invoke(main, ["pretrain", "missing.parquet", str(tmp_path / "m"), "--whiten-shrink", "lots"])
-    assert result.exit_code == 2 and "--whiten-shrink" in result.output and "'none'" in result.output
+    for bad in ("lots", "0"):
+        result = CliRunner().invoke(main, ["pretrain", "missing.parquet", str(tmp_path / "m"), "--whiten-shrink", bad])
+        assert result.exit_code == 2 and "--whiten-shrink" in result.output and "'none'" in result.output, bad
     assert not (tmp_path / "m").exists()
+    assert parse_whiten_shrink("None") is None and parse_whiten_shrink("0.5") == 0.5
 
 
 def test_cli_variant_choices_are_the_model_variants():
