@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--whiten-fit", nargs="+", default=["joint"], choices=["joint", "title", "image"],
                    help="What the --whiten/--whiten-shrink matrices are fitted on: the pretraining rows' joint "
                         "vectors (as the model's own whitening is), or their title-only or photo-only vectors.")
+    p.add_argument("--whiten-rows", type=int, nargs="+", default=[2048], metavar="N",
+                   help="How many pretraining rows the --whiten/--whiten-shrink matrices are fitted on (the model's "
+                        "own whitening: TrainConfig.center_rows, 2,048); several: one row of each.")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.same_weights = [v for v in args.same_weights.split(",") if v]
@@ -272,10 +275,10 @@ def same_weight_embedders(trained: dict[str, dict], variants: list[str], device:
 
 
 def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list[int], train_catalog: str,
-                       device: str = "cpu", fit_rows: int = 2048, shrinks: list[float] = (),
+                       device: str = "cpu", fit_rows: list[int] = (2048,), shrinks: list[float] = (),
                        fits: list[str] = ("joint",)) -> dict:
     """Other embedding spaces over the same weights, fitted on the raw (uncentred) vectors of the first
-    `fit_rows` pretraining rows: each of `shrinks` (eps) is the model's own partial whitening
+    rows of the pretraining catalog (each of `fit_rows`): each of `shrinks` (eps) is the model's own partial whitening
     (ItemModel.set_embedding_space) at that eps; each of `dims` a truncated PCA whitening (BERT-whitening,
     Su et al. 2021), (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping the k leading directions
     (0: all). Each of `fits` says which vectors of those rows the fit uses: "joint" (title and photo, as the
@@ -288,7 +291,7 @@ def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list
     from pipeline.encode import Encoder
     from pipeline.eval_embedders import loaded_model_embedder
 
-    fit = pq.read_table(train_catalog, columns=["title", "image"]).slice(0, fit_rows)
+    fit = pq.read_table(train_catalog, columns=["title", "image"]).slice(0, max(fit_rows))
     titles, images = fit.column("title").to_pylist(), fit.column("image").to_pylist()
     inputs = {"joint": (titles, images), "title": (titles, [None] * len(titles)), "image": ([""] * len(titles), images)}
     out = {}
@@ -297,26 +300,29 @@ def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list
         model.reset_embedding_space()
         raw = loaded_model_embedder(Encoder.of(model, device), processor)
         for which in fits:
-            e = raw(*inputs[which])
-            fitted = f"{'' if which == 'joint' else f', fit on {which}-only'}"
-            for eps in shrinks:
-                shrunk = copy.deepcopy(model)
-                shrunk.set_embedding_space(torch.from_numpy(e), eps)
-                out[f"{variant} (whitened, shrink {eps:g}{fitted})"] = loaded_model_embedder(
-                    Encoder.of(shrunk, device), processor)
-            if not dims:
-                continue
-            e = e.astype(np.float64)
-            mean = e.mean(0)
-            values, vectors = np.linalg.eigh(np.cov((e - mean).T))
-            values, vectors = values[::-1], vectors[:, ::-1]
-            for k in [k or len(values) for k in dims]:
+            every = raw(*inputs[which])
+            for rows in fit_rows:
+                e = every[:rows]
+                fitted = (f"{'' if which == 'joint' else f', fit on {which}-only'}"
+                          f"{'' if list(fit_rows) == [2048] else f', {len(e)} rows'}")
+                for eps in shrinks:
+                    shrunk = copy.deepcopy(model)
+                    shrunk.set_embedding_space(torch.from_numpy(e), eps)
+                    out[f"{variant} (whitened, shrink {eps:g}{fitted})"] = loaded_model_embedder(
+                        Encoder.of(shrunk, device), processor)
+                if not dims:
+                    continue
+                e = e.astype(np.float64)
+                mean = e.mean(0)
+                values, vectors = np.linalg.eigh(np.cov((e - mean).T))
+                values, vectors = values[::-1], vectors[:, ::-1]
+                for k in [k or len(values) for k in dims]:
 
-                def embed(titles, images, mean=mean, w=vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0]))):
-                    x = (raw(titles, images) - mean) @ w
-                    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+                    def embed(titles, images, mean=mean, w=vectors[:, :k] / np.sqrt(np.maximum(values[:k], 1e-6 * values[0]))):
+                        x = (raw(titles, images) - mean) @ w
+                        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-                out[f"{variant} (whitened, {k} dims{fitted})"] = embed
+                    out[f"{variant} (whitened, {k} dims{fitted})"] = embed
     return out
 
 
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     embedders = {v: model_embedder(t["dir"], batch_size=64, device=device) for v, t in trained.items()}
     embedders.update(same_weight_embedders(trained, args.same_weights, device))
     embedders.update(whitened_embedders(trained, args.same_weights, args.whiten, catalog, device,
-                                        shrinks=args.whiten_shrink, fits=args.whiten_fit))
+                                        fit_rows=args.whiten_rows, shrinks=args.whiten_shrink, fits=args.whiten_fit))
     embedders.update(baseline_embedders([r for r in args.references.split(",") if r], titles))
     results = evaluate(table, embedders, options)
     phases["evaluate"] = time.perf_counter() - t0
