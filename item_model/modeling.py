@@ -330,8 +330,9 @@ class ItemModel(PreTrainedModel):
         """
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         hidden, mask, _ = self.forward_encoder(input_ids, attention_mask, pixel_values, has_image)
-        vectors = F.normalize(self.pool(hidden, mask).float(), dim=-1)
-        return F.normalize((vectors - self.embedding_center.float()) @ self.embedding_whitening.float(), dim=-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # the centring and whitening in fp32 under autocast
+            vectors = F.normalize(self.pool(hidden.float(), mask), dim=-1)
+            return F.normalize((vectors - self.embedding_center.float()) @ self.embedding_whitening.float(), dim=-1)
 
     @torch.no_grad()
     def reset_embedding_space(self) -> None:

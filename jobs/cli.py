@@ -181,9 +181,12 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Encode actors in the pool (one model copy each; one GPU each with --gpu).")
 @click.option("--gpu/--no-gpu", default=False, show_default=True,
-              help="Give each encode actor one GPU (bf16); otherwise encode on CPU in fp32.")
+              help="Give each encode actor one GPU; otherwise encode on CPU.")
 @click.option("--encode-threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per CPU encode actor (default: torch's choice).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 where the device multiplies it natively (GPUs; CPUs with AVX512-BF16 or AMX), "
+                   "about 2x fp32 there; fp32 elsewhere. The manifest records what each row got.")
 @click.option("--previous", default=None,
               help="A published embedding table: rows whose content and model version are unchanged are "
                    "copied from it instead of re-encoded.")
@@ -191,7 +194,8 @@ def pretrain(catalog: str, out_dir: str, preset: str | None, variant: str, worke
               help="Catalog column names, e.g. id=sku,title=name,image=photo (keys: id, title, image, image_uri).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already published.")
 def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: int, gpu: bool,
-          encode_threads: int | None, previous: str | None, column_map: str | None, overwrite: bool) -> None:
+          encode_threads: int | None, precision: str, previous: str | None, column_map: str | None,
+          overwrite: bool) -> None:
     """Embed every row of CATALOG (Parquet file, directory or s3:// prefix) with MODEL_DIR and publish
     the embedding table, its `_rejects/` and `_manifest.json` at OUT (local or s3://). MODEL_DIR may be on
     s3:// too: each machine fetches it once to a local cache (ITEM_PIPELINE_MODEL_CACHE).
@@ -208,8 +212,8 @@ def embed(catalog: str, model_dir: str, out: str, batch_size: int, concurrency: 
     try:
         options = EmbedOptions(
             batch_size=batch_size, concurrency=concurrency, num_gpus=1 if gpu else 0,
-            encode_threads=encode_threads, previous=previous, columns=ColumnMap.parse(column_map),
-            overwrite=overwrite,
+            encode_threads=encode_threads, precision=precision, previous=previous,
+            columns=ColumnMap.parse(column_map), overwrite=overwrite,
         )
         # the cheap checks first, so that a bad catalog, model dir or a published OUT fails before Ray starts
         validate_schema(catalog, options.columns)

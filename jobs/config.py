@@ -27,6 +27,7 @@ class EmbedStage:
     encode_actors: int = 1  # size of the encode actor pool (one per GPU on a GPU cluster)
     gpus_per_actor: float = 0.0  # 1 on GPU workers; 0 encodes on CPU
     encode_threads: int = 0  # torch threads per CPU encode actor; 0 = torch's default
+    precision: str = "auto"  # auto (bf16 where the device has it natively: GPUs, recent CPUs), fp32 or bf16
 
 
 @dataclass
@@ -122,6 +123,10 @@ def parse_config(data: dict[str, Any]) -> NightlyConfig:
                        ("backfill.min_confidence", config.backfill.min_confidence)]:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be between 0 and 1, got {value}")
+    from pipeline.encode import PRECISIONS
+
+    if config.embed.precision not in PRECISIONS:
+        raise ConfigError(f"embed.precision must be one of {', '.join(PRECISIONS)}, got {config.embed.precision!r}")
     return config
 
 

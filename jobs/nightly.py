@@ -91,7 +91,7 @@ def _stage_embed(config: NightlyConfig, run_date: dt.date, out: str, previous: s
     e = config.embed
     options = EmbedOptions(
         batch_size=e.batch_size, concurrency=e.encode_actors, num_gpus=e.gpus_per_actor,
-        encode_threads=e.encode_threads or None, previous=previous, columns=config.columns,
+        encode_threads=e.encode_threads or None, precision=e.precision, previous=previous, columns=config.columns,
         run_id=run_date.isoformat(),
     )
     return run_embed(config.catalog, config.model_dir, out, options)

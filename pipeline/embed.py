@@ -44,7 +44,7 @@ from item_model import read_model_version
 
 from . import storage
 from .catalog import ColumnMap, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
-from .encode import Encoder
+from .encode import PRECISIONS, Encoder
 from .id_shuffle import id_parts
 from .progress import Progress
 from .rows import OK, PREVIOUS, PREVIOUS_HASH, REJECT, UNCHANGED, Preprocess
@@ -89,6 +89,7 @@ class EmbedOptions:
     num_gpus: float = 0  # GPUs per encode actor; > 0 means cuda + bf16 autocast
     encode_cpus: float = 1  # CPUs Ray reserves per encode actor
     encode_threads: int | None = None  # torch threads per encode actor; None = torch's default
+    precision: str = "auto"  # encode.PRECISIONS: bf16 where the device has it natively (GPU, recent CPUs), else fp32
     previous: str | None = None  # a published embedding table: unchanged rows are carried over
     columns: ColumnMap = dataclasses.field(default_factory=ColumnMap)
     overwrite: bool = False  # replace a published OUT
@@ -141,6 +142,7 @@ def write_parts(batch: dict[str, np.ndarray], stage: str, model_version: str, cr
         "rejects_by_reason": collections.Counter(reasons),
         "modalities": collections.Counter(batch["modalities"][ok].tolist()),
         "image_errors": collections.Counter(e.split(":", 1)[0] for e in batch["image_error"][ok].tolist() if e),
+        "precision": collections.Counter(batch["_precision"][ok].tolist()),
         "preprocess_s": float(batch["_preprocess_s"].sum()), "encode_s": float(batch["_encode_s"].sum()),
         "write_s": time.perf_counter() - start,
     }
@@ -219,7 +221,9 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     created_at = dt.datetime.now(dt.timezone.utc)
     timings: dict[str, float] = {}
 
-    # validate: schema, destination, duplicate ids (ids only), previous table
+    # validate: options, schema, destination, duplicate ids (ids only), previous table
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"EmbedOptions.precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
     storage.check_can_publish(out_uri, options.overwrite)
     _, needed = validate_schema(catalog_uri, columns)
     model_version = read_model_version(storage.local_dir(model_dir))  # s3://: fetched once per machine
@@ -244,7 +248,8 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     ds = ds.map_batches(
         Encoder,
         fn_constructor_kwargs=dict(
-            model_dir=model_dir, device="cuda" if options.num_gpus > 0 else "cpu", num_threads=options.encode_threads
+            model_dir=model_dir, device="cuda" if options.num_gpus > 0 else "cpu", num_threads=options.encode_threads,
+            precision=options.precision,
         ),
         compute=ray.data.ActorPoolStrategy(size=options.concurrency),
         num_gpus=options.num_gpus, num_cpus=options.encode_cpus,
@@ -260,6 +265,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
         reject_reasons: collections.Counter[str] = collections.Counter()
         image_errors: collections.Counter[str] = collections.Counter()
         modalities: collections.Counter[str] = collections.Counter()
+        precision: collections.Counter[str] = collections.Counter()
         if dup_rejects is not None:
             files["rejects_file"].append(storage.write_part(stage, dup_rejects, dup_rejects["item_id"].to_pylist(),
                                                             prefix=f"{REJECTS_DIR}/part-duplicates"))
@@ -278,6 +284,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             reject_reasons.update(counts.pop("rejects_by_reason"))
             image_errors.update(counts.pop("image_errors"))
             modalities.update(counts.pop("modalities"))
+            precision.update(counts.pop("precision"))
             totals.update(counts)
         pipeline_s = time.perf_counter() - pipeline_start
         progress.finish()
@@ -313,6 +320,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             "rejects_by_reason": dict(sorted(reject_reasons.items())),
             "image_errors": dict(sorted(image_errors.items())),
             "modalities": dict(sorted(modalities.items())),
+            "precision": dict(sorted(precision.items())),  # rows embedded in this run, by encode precision
             "files": embedding_files,
             "fresh_files": fresh_files,  # the files that hold every row embedded in this run (new and changed)
             "rejects": {"path": REJECTS_DIR, "files": [f[len(REJECTS_DIR) + 1:] for f in rejects_files],
@@ -322,7 +330,7 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
             "rows_per_s": round(rows_in / timings["wall_s"], 1) if timings["wall_s"] else None,
             "resources": {"batch_size": options.batch_size, "concurrency": options.concurrency,
                           "num_gpus": options.num_gpus, "encode_cpus": options.encode_cpus,
-                          "encode_threads": options.encode_threads},
+                          "encode_threads": options.encode_threads, "precision": options.precision},
             "created_at": created_at.isoformat(),
         }
         if rows_in != embedded + unchanged + rejected:

@@ -22,31 +22,55 @@ from . import storage
 from .catalog import ColumnMap
 from .rows import OK, Preprocess
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where the device multiplies bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX: about
+    twice fp32's speed there, with cosines to the fp32 vectors >= 0.9998, bench/bench_embed.py), else
+    "fp32"; "fp32" and "bf16" stay as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    native = (getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if any(native) else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass under `precision` (resolved): bf16 autocast, or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
 
 class Encoder:
     """A model on a device. `encode(inputs)` maps model inputs (numpy, as the processor makes them) to
     [B, D] float32 unit vectors; `__call__(batch) -> batch` (the embed job's actor) adds `embedding` for
-    the rows with status ok (zeros elsewhere) and drops the model inputs. GPU: bf16 autocast, pinned
-    memory, non-blocking copies. CPU: fp32, `num_threads` torch threads."""
+    the rows with status ok (zeros elsewhere) and drops the model inputs. `precision` (resolve_precision):
+    bf16 autocast or fp32 (the model's centring and whitening are fp32 either way). GPU: pinned memory,
+    non-blocking copies. CPU: `num_threads` torch threads."""
 
-    def __init__(self, model_dir: str, device: str | None = None, num_threads: int | None = None) -> None:
+    def __init__(self, model_dir: str, device: str | None = None, num_threads: int | None = None,
+                 precision: str = "auto") -> None:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if num_threads:
             torch.set_num_threads(num_threads)
         # torch's CPU kernels (MKL loads them lazily, by dlopen) before any object-store client is loaded:
         # loaded after the S3 stack, that dlopen can fail and MKL then exits the process
         torch.ones(2, 2) @ torch.ones(2, 2)
-        self._use(load_model_dir(storage.local_dir(model_dir), device)[0], device)
+        self._use(load_model_dir(storage.local_dir(model_dir), device)[0], device, precision)
 
     @classmethod
-    def of(cls, model: torch.nn.Module, device: str | torch.device = "cpu") -> "Encoder":
+    def of(cls, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "auto") -> "Encoder":
         """An encoder over a model already in memory (a start, or a pooling variant of a model dir)."""
         encoder = cls.__new__(cls)
-        encoder._use(model.to(device), torch.device(device))
+        encoder._use(model.to(device), torch.device(device), precision)
         return encoder
 
-    def _use(self, model: torch.nn.Module, device: torch.device) -> None:
+    def _use(self, model: torch.nn.Module, device: torch.device, precision: str) -> None:
         self.model, self.device = model.eval(), device
+        self.precision = resolve_precision(precision, device)
         self.dim = model.embedding_dim
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -60,10 +84,7 @@ class Encoder:
     def encode(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Model inputs (numpy) -> [B, D] float32 unit vectors."""
         tensors = {k: self._to_device(inputs[k]) for k in MODEL_INPUTS}
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(self.precision, self.device):
             return self.model.encode(**tensors).float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,6 +100,7 @@ class Encoder:
         out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
         out["embedding"] = embedding
         out["_encode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        out["_precision"] = np.full(n, self.precision, dtype=object)
         return out
 
 
@@ -97,7 +119,7 @@ def encode_rows(encoder: Encoder, processor: ItemProcessor, titles: Sequence[str
     return out
 
 
-def embed_listing(model_dir: str, title: str | None, image: bytes | None) -> np.ndarray:
+def embed_listing(model_dir: str, title: str | None, image: bytes | None, precision: str = "auto") -> np.ndarray:
     """One listing (not in any catalog) -> [1, D], exactly as the job would embed it (the same Preprocess
     and Encoder). Raises ValueError when the job would reject it (no usable title, no usable image)."""
     row = pa.table({"item_id": ["query"], "title": pa.array([title], pa.string()), "image": pa.array([image], pa.binary())})
@@ -105,4 +127,4 @@ def embed_listing(model_dir: str, title: str | None, image: bytes | None) -> np.
     if prepared["status"][0] != OK:
         reason = prepared["image_error"][0] or "no image"
         raise ValueError(f"the listing has no usable title and no usable image ({reason})")
-    return Encoder(model_dir, device="cpu").encode(prepared)
+    return Encoder(model_dir, device="cpu", precision=precision).encode(prepared)

@@ -48,6 +48,7 @@ from item_model.training import (
 
 from . import storage
 from .catalog import ColumnMap, open_dataset, read_rows, validate_schema
+from .encode import autocast, resolve_precision
 from .rows import OK, Preprocess
 
 RUN_NAME = "run"  # Ray Train run name inside the work dir
@@ -219,8 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def fit_embedding_space(model: ItemModel, dataset: ray.data.Dataset, rows: int, whiten_shrink: float | None,
                         batch_size: int = 128) -> int:
     """Fit the model's embedding centre and whitening (ItemModel.fit_embedding_space) on the first `rows`
-    usable rows of the (shuffled) training dataset, on the driver's CPU; returns the rows used (0: centring
-    off, or a two-stream model)."""
+    usable rows of the (shuffled) training dataset, on the driver's CPU, at the precision the embed job's
+    default gives there (encode.resolve_precision); returns the rows used (0: centring off, or a two-stream
+    model)."""
     if rows == 0 or not hasattr(model, "fit_embedding_space"):
         return 0
     torch.set_num_threads(os.cpu_count() or 1)
@@ -231,7 +233,9 @@ def fit_embedding_space(model: ItemModel, dataset: ray.data.Dataset, rows: int, 
             if keep.any():
                 yield {k: v[keep] for k, v in batch.items()}
 
-    return model.eval().fit_embedding_space(batches(), whiten_shrink)
+    cpu = torch.device("cpu")
+    with autocast(resolve_precision("auto", cpu), cpu):
+        return model.eval().fit_embedding_space(batches(), whiten_shrink)
 
 
 # --- the driver side ----------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ from item_model import load_model_dir
 from pipeline import storage
 from pipeline.catalog import CatalogSchemaError, ColumnMap
 from pipeline.embed import REJECTS_DIR, EmbedOptions, run_embed
-from pipeline.encode import Encoder
+from pipeline.encode import Encoder, resolve_precision
 from pipeline.rows import Preprocess
 from pipeline.sample_catalog import EXPECTED_OUTCOME, make_sample_catalog, write_sample_catalog
 
 CATALOG_ROWS = 150
-OPTIONS = EmbedOptions(batch_size=32, rows_per_file=60)  # several part files and several batches
+# several part files and several batches; fp32, so the job's vectors equal the model's own encode exactly
+OPTIONS = EmbedOptions(batch_size=32, rows_per_file=60, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,7 @@ def test_counts_reconcile_and_manifest_is_complete(embedded, tiny_model_dir) -> 
     assert manifest["rejected"] == pq.read_table(storage.join(out, REJECTS_DIR)).num_rows
     assert manifest["model_version"] == load_model_dir(tiny_model_dir)[0].config.model_version
     assert manifest["dim"] == 32
+    assert manifest["precision"] == {"fp32": manifest["embedded"]} and manifest["resources"]["precision"] == "fp32"
     # written by the engine's tasks, a batch of at most rows_per_file rows each: part-<batch hash>-<publish token>
     token = manifest["files"][0].rsplit("-", 1)[1][:-len(".parquet")]  # unique to this publish
     assert len(manifest["files"]) >= -(-manifest["embedded"] // OPTIONS.rows_per_file)
@@ -268,6 +270,28 @@ def test_preprocess_and_encoder_work_without_ray(tiny_model_dir) -> None:
     ok = out["status"] == "ok"
     np.testing.assert_allclose(np.linalg.norm(encoded["embedding"][ok], axis=1), 1.0, atol=1e-5)
     assert not encoded["embedding"][~ok].any()
+
+
+def test_bf16_vectors_are_the_fp32_ones_to_rounding_and_auto_is_bf16_only_where_it_is_native(catalog, tiny_model_dir) -> None:
+    import torch
+
+    table = catalog[1].slice(0, 48)
+    prepared = Preprocess(tiny_model_dir, ColumnMap())(table)
+    ok = prepared["status"] == "ok"
+    inputs = {k: v[ok] for k, v in prepared.items()}
+    fp32, bf16 = (Encoder(tiny_model_dir, "cpu", precision=p) for p in ("fp32", "bf16"))
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    a, b = fp32.encode(inputs), bf16.encode(inputs)
+    cosines = (a * b).sum(axis=1)
+    assert cosines.min() > 0.99 and not np.allclose(a, b, atol=1e-6), cosines.min()  # bf16 really ran
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # the fp32 tail normalises
+    assert list(bf16(prepared)["_precision"]) == ["bf16"] * len(ok)  # what the writer counts per row
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_precision("auto", cuda) == "bf16" and resolve_precision("fp32", cuda) == "fp32"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        resolve_precision("fp16", cpu)
 
 
 def test_s3_round_trip(ray_local, s3_env, catalog, tiny_model_dir) -> None:

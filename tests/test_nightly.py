@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_config(path, catalog: str, model_dir: str, output_root: str) -> str:
     data = {
         "catalog": catalog, "model_dir": model_dir, "output_root": output_root,
-        "embed": {"batch_size": 64, "encode_threads": 1},
+        "embed": {"batch_size": 64, "encode_threads": 1, "precision": "fp32"},  # search re-embeds rows exactly
         "index": {"shards": 2, "min_recall": 0.5},
         "dedup": {"threshold": 0.995, "calibrate_precision": 0},  # a random tiny model: a fixed threshold
     }
@@ -229,6 +229,7 @@ def test_a_failing_stage_is_named_and_publishes_no_report(day1, tmp_path):
         ({"index": {"shardz": 2}}, "unknown key index.shardz"),
         ({"embed": {"batch_size": "big"}}, "embed.batch_size must be int"),
         ({"dedup": {"threshold": 1.5}}, "dedup.threshold must be between 0 and 1"),
+        ({"embed": {"precision": "fp16"}}, "embed.precision must be one of auto, fp32, bf16, got 'fp16'"),
         ({"catalogue": "x"}, "unknown key catalogue"),
         ({"columns": {"sku": "id"}}, "unknown key columns.sku"),
     ],
@@ -285,7 +286,7 @@ def test_search_a_new_listing_by_title_and_image(day1, tmp_path):
     row = next(r for r in rows if r["defect"] is None and r["image"] and r["title"])
     run = os.path.join(config.output_root, "dt=2026-11-20")
     _, stored, _ = read_embedding_table(os.path.join(run, "embeddings"), item_ids=[row["item_id"]])
-    np.testing.assert_allclose(embed_listing(config.model_dir, row["title"], row["image"]), stored, atol=1e-5)
+    np.testing.assert_allclose(embed_listing(config.model_dir, row["title"], row["image"], "fp32"), stored, atol=1e-5)
 
     image = tmp_path / "listing.jpg"
     image.write_bytes(row["image"])
