@@ -299,10 +299,11 @@ def search(index, item_id, vector_file, title, image_path, k, as_json):
             if not len(ids):
                 raise ValueError(f"item {item_id!r} is not in the embedding table {embeddings}")
         elif new_listing:
-            from pipeline.encode import embed_listing
+            from pipeline.encode import embed_listing, table_precision
 
             image = open(image_path, "rb").read() if image_path else None
-            vectors = embed_listing(storage.read_manifest(index)["model_dir"], title, image)
+            manifest = storage.read_manifest(index)
+            vectors = embed_listing(manifest["model_dir"], title, image, table_precision(manifest["embeddings"]))
         else:
             vectors = np.atleast_2d(np.load(vector_file)).astype(np.float32)
         scores, found = sharded.search(vectors, k)

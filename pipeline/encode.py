@@ -119,6 +119,13 @@ def encode_rows(encoder: Encoder, processor: ItemProcessor, titles: Sequence[str
     return out
 
 
+def table_precision(embeddings_uri: str) -> str:
+    """The precision the rows of a published embedding table were embedded at, from its manifest, so that a
+    query is embedded as they were ("auto" for a table that names none, or several)."""
+    counts = storage.read_manifest(embeddings_uri).get("precision") or {}
+    return next(iter(counts)) if len(counts) == 1 else "auto"
+
+
 def embed_listing(model_dir: str, title: str | None, image: bytes | None, precision: str = "auto") -> np.ndarray:
     """One listing (not in any catalog) -> [1, D], exactly as the job would embed it (the same Preprocess
     and Encoder). Raises ValueError when the job would reject it (no usable title, no usable image)."""
