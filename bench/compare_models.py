@@ -278,10 +278,10 @@ def whitened_embedders(trained: dict[str, dict], variants: list[str], dims: list
                        device: str = "cpu", fit_rows: list[int] = (2048,), shrinks: list[float] = (),
                        fits: list[str] = ("joint",)) -> dict:
     """Other embedding spaces over the same weights, fitted on the raw (uncentred) vectors of the first
-    rows of the pretraining catalog (each of `fit_rows`): each of `shrinks` (eps) is the model's own partial whitening
-    (ItemModel.set_embedding_space) at that eps; each of `dims` a truncated PCA whitening (BERT-whitening,
-    Su et al. 2021), (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping the k leading directions
-    (0: all). Each of `fits` says which vectors of those rows the fit uses: "joint" (title and photo, as the
+    rows of the pretraining catalog (each of `fit_rows`): each of `shrinks` (eps) is the model's own
+    partial whitening (ItemModel.set_embedding_space) at that eps; each of `dims` a truncated PCA whitening
+    (BERT-whitening, Su et al. 2021), (v - mean) @ U_k diag(1/sqrt(s_k)), L2-normalised, keeping the k
+    leading directions (0: all). Each of `fits` says which vectors of those rows the fit uses: "joint" (title and photo, as the
     model's own whitening), "title" (photo left out) or "image" (title blanked)."""
     import copy
 

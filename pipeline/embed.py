@@ -86,7 +86,7 @@ class EmbedOptions:
 
     batch_size: int = 256  # rows per preprocess and per encode call
     concurrency: int = 1  # encode actors in the pool
-    num_gpus: float = 0  # GPUs per encode actor; > 0 means cuda + bf16 autocast
+    num_gpus: float = 0  # GPUs per encode actor; > 0 means cuda (bf16 under precision auto)
     encode_cpus: float = 1  # CPUs Ray reserves per encode actor
     encode_threads: int | None = None  # torch threads per encode actor; None = torch's default
     precision: str = "auto"  # encode.PRECISIONS: bf16 where the device has it natively (GPU, recent CPUs), else fp32

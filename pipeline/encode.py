@@ -27,7 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "bf16" where the device multiplies bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX: about
-    twice fp32's speed there, with cosines to the fp32 vectors >= 0.9998, bench/bench_embed.py), else
+    twice fp32's speed there, with cosines to the fp32 vectors >= 0.9998: bench/bench_precision.py), else
     "fp32"; "fp32" and "bf16" stay as they are."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
