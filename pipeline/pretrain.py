@@ -91,6 +91,20 @@ def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig, 
                             batch_format="pyarrow")
 
 
+def fit_sample(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig) -> ray.data.Dataset:
+    """The rows the export fits the published vector's centre and whitening on: a seeded random sample of
+    about 1.5 x cfg.center_rows catalog rows (fit_embedding_space keeps the first center_rows usable ones),
+    read in one streamed pass. Unlike the training dataset, no shuffle moves the whole catalog for them."""
+    columns = ColumnMap(**cfg.columns)
+    _, needed = validate_schema(catalog_uri, columns)
+    fraction = min(1.0, 1.5 * cfg.center_rows / max(1, open_dataset(catalog_uri).count_rows()))  # the footers
+    rows = read_rows(catalog_uri, needed)
+    if 0 < fraction < 1.0:
+        rows = rows.random_sample(fraction, seed=cfg.seed)
+    return rows.map_batches(TrainRows(processor, columns), batch_size=cfg.preprocess_batch_size,
+                            batch_format="pyarrow")
+
+
 def iter_titles(catalog_uri: str, column: str) -> Iterator[str]:
     """Stream the title column only, for the tokenizer the driver trains: pyarrow batches straight from the
     catalog's files (the same files as read_rows), since a Ray Data job would only hand them to this one
@@ -220,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def fit_embedding_space(model: ItemModel, dataset: ray.data.Dataset, rows: int, whiten_shrink: float | None,
                         batch_size: int = 128) -> int:
     """Fit the model's embedding centre and whitening (ItemModel.fit_embedding_space) on the first `rows`
-    usable rows of the (shuffled) training dataset, on the driver's CPU, at the precision the embed job's
+    usable rows of `dataset` (fit_sample), on the driver's CPU, at the precision the embed job's
     default gives there (encode.resolve_precision); returns the rows used (0: centring off, or a two-stream
     model)."""
     if rows == 0 or not hasattr(model, "fit_embedding_space"):
@@ -405,8 +419,14 @@ def pretrain(catalog_uri: str, out_dir: str, cfg: TrainConfig, resume: bool = Fa
         state = load_checkpoint(d, model)
     if state["step"] != cfg.steps:
         raise RuntimeError(f"the latest checkpoint is at step {state['step']}, expected {cfg.steps}")
-    center_rows = fit_embedding_space(model, build_dataset(catalog_uri, processor, cfg), cfg.center_rows,
+    if cfg.center_rows:
+        log.info("trained in %.0f s; fitting the published vector's centre%s on up to %d catalog rows", train_s,
+                 "" if cfg.whiten_shrink is None else " and whitening", cfg.center_rows)
+    t0 = time.perf_counter()
+    center_rows = fit_embedding_space(model, fit_sample(catalog_uri, processor, cfg), cfg.center_rows,
                                       cfg.whiten_shrink)
+    if center_rows:
+        log.info("fitted on %d rows in %.1f s; publishing %s", center_rows, time.perf_counter() - t0, out_dir)
     with storage.staging(out_dir) as stage:
         version = save_model_dir(model, processor, stage)
         history = state["history"]

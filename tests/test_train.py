@@ -23,7 +23,7 @@ from item_model.training import (TrainConfig, build_optimizer, load_checkpoint, 
                                  train_step)
 from pipeline import storage
 from pipeline.catalog import ColumnMap
-from pipeline.pretrain import TrainRows, build_dataset, pretrain, work_dir_for
+from pipeline.pretrain import TrainRows, build_dataset, fit_sample, pretrain, work_dir_for
 from jobs.cli import main
 from pipeline.sample_catalog import write_sample_catalog
 
@@ -403,6 +403,20 @@ def test_pretrain_builds_the_variant_it_is_given(ray_local, catalog, tmp_path):
     model, _ = load_model_dir(out)
     assert type(model).__name__ == "TwoStreamModel" and model.config.use_contrastive
     assert "contrastive" in storage.read_manifest(out)["final_losses"]
+
+
+def test_the_export_fits_on_a_seeded_sample_of_the_catalog_read_once(ray_local, catalog, processor):
+    """fit_sample: about 1.5 x center_rows rows drawn over the whole catalog, not its first rows, and not by
+    a shuffle of every row (which a 100M-row catalog would pay for 2,048 rows)."""
+
+    def firsts(ds) -> list:  # each row's first title token
+        return [int(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["input_ids"][:, 1]]
+
+    got = firsts(fit_sample(catalog, processor, _cfg(center_rows=40)))  # 240 rows: each kept at p = 0.25
+    assert 30 <= len(got) <= 100 and got == firsts(fit_sample(catalog, processor, _cfg(center_rows=40)))
+    every = firsts(fit_sample(catalog, processor, _cfg(center_rows=1000)))  # p = 1: every row, in file order
+    assert sorted(every) == sorted(firsts(build_dataset(catalog, processor, _cfg())))
+    assert got != every[:len(got)]
 
 
 def test_every_pass_and_every_resume_sees_a_new_order(ray_local, catalog, processor):
