@@ -431,7 +431,7 @@ def nightly(config_path: str, run_date, output_root: str | None, catalog: str | 
     """
     import datetime as dt
 
-    import pipeline.embed  # noqa: F401 - torch and its CPU kernels before any S3 client (see encode.Encoder)
+    import pipeline.encode  # noqa: F401 - torch and its CPU kernels before any S3 client (see encode.Encoder)
     from jobs.config import ConfigError, load_config
     from jobs.nightly import StageFailed, run_nightly
 

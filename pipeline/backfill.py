@@ -192,7 +192,7 @@ def run_backfill(index_uri: str, embeddings_uri: str, catalog_uri: str, out_uri:
     check_label_columns(catalog_uri, columns)
     fs, _ = storage.get_fs(embeddings_uri)
     with storage.staging(out_uri) as stage:
-        ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs, columns=["item_id", "embedding"])
+        ds = storage.read_dataset(storage.parquet_files(embeddings_uri), fs, ["item_id", "embedding"])
         pool = dict(batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors))
         # the actor stages share one Ray CPU (see dedup.shard_stages): the rest is the read tasks'
         ds = ds.map_batches(BackfillQueries, fn_constructor_args=(catalog_uri, columns, eval_sample, seed),

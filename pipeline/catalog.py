@@ -86,21 +86,8 @@ def open_dataset(uri: str) -> pds.Dataset:
 def read_rows(uri: str, columns: list[str]) -> "ray.data.Dataset":
     """The catalog's `columns` as a Ray dataset, over the same files as `open_dataset` (sorted; `_`- and
     `.`-prefixed paths are not data)."""
-    import ray.data
-
     fs, _ = arrow_filesystem(uri)
-    files = open_dataset(uri).files
-    if all(f.endswith(".parquet") for f in files):
-        return ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
-    # A catalog file named without the suffix: Ray Data's V2 Parquet source drops it whatever
-    # `file_extensions` says (it replaces None by ["parquet"]); the V1 source, chosen by Ray's own
-    # `use_datasource_v2` switch for this one call, takes the files as given.
-    context = ray.data.DataContext.get_current()
-    v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(files, filesystem=fs, file_extensions=None).select_columns(columns)
-    finally:
-        context.use_datasource_v2 = v2
+    return storage.read_dataset(open_dataset(uri).files, fs, columns)
 
 
 def _is_string(t: pa.DataType) -> bool:

@@ -131,7 +131,7 @@ def find_duplicate_pairs(
     """
     storage.read_manifest(embeddings_uri)  # fail now, not in an actor, when the table is not published
     fs, _ = storage.get_fs(embeddings_uri)
-    ds = ray.data.read_parquet(storage.parquet_files(embeddings_uri), filesystem=fs).select_columns(["item_id", "embedding"])
+    ds = storage.read_dataset(storage.parquet_files(embeddings_uri), fs, ["item_id", "embedding"])
     ds = shard_stages(ds, index_uri, k + 1, num_actors, threads_per_actor, batch_size)  # k + 1: the item finds itself
     pairs = ds.map_batches(neighbour_pairs, fn_args=(threshold,), batch_format="pyarrow")
     blocks = [t.cast(PAIRS_SCHEMA) for t in ray.get(pairs.to_arrow_refs())]

@@ -40,11 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from item_model import read_model_version
-
 from . import storage
 from .catalog import ColumnMap, duplicate_ids, id_as_string, open_dataset, read_rows, validate_schema
-from .encode import PRECISIONS, Encoder
 from .id_shuffle import id_parts
 from .progress import Progress
 from .rows import OK, PREVIOUS, PREVIOUS_HASH, REJECT, UNCHANGED, Preprocess
@@ -155,11 +152,9 @@ def write_parts(batch: dict[str, np.ndarray], stage: str, model_version: str, cr
 def _previous_rows(previous_uri: str, model_version: str, id_column: str) -> ray.data.Dataset:
     """The right side of the incremental embed's join: the previous table's rows embedded by this same
     model version, keyed by the catalog's id column, their other columns renamed `_previous_*`."""
-    import ray
-
     storage.read_manifest(previous_uri)  # a clear error when it is not a published table
     fs, _ = storage.get_fs(previous_uri)
-    ds = ray.data.read_parquet(storage.parquet_files(previous_uri), filesystem=fs, columns=list(EMBEDDING_COLUMNS))
+    ds = storage.read_dataset(storage.parquet_files(previous_uri), fs, list(EMBEDDING_COLUMNS))
     return ds.map_batches(_as_previous, fn_args=(model_version, id_column), batch_format="pyarrow")
 
 
@@ -214,6 +209,13 @@ def run_embed(catalog_uri: str, model_dir: str, out_uri: str, options: EmbedOpti
     any work. Ray must already be initialised by the caller.
     """
     import ray
+
+    # The model code (torch, transformers) loads here rather than at the top: Ray pickles this module's batch
+    # functions (_string_ids, _as_previous, write_parts) into its read and write tasks by reference, and
+    # each task process imports the module to run them (~5 s each with torch, ~1 s without).
+    from item_model import read_model_version
+
+    from .encode import PRECISIONS, Encoder
 
     options = options or EmbedOptions()
     columns = options.columns

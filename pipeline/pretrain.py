@@ -4,7 +4,7 @@ The training entry point: the only code that uses Ray Train. The per-step maths,
 checkpoints are plain PyTorch in item_model/training.py, which the bare-loop benchmark runs too.
 
     driver:   tokenizer (trained on the catalog's titles, or a BERT vocab) -> staged in OUT_DIR.train/
-    Ray Data: catalog.read_rows -> shuffle -> rows.Preprocess (the embed job's row preparation), CPU tasks
+    Ray Data: catalog.read_rows -> shuffle -> rows.TrainRows (the embed job's row preparation), CPU tasks
     workers:  train_loop_per_worker: DDP model, AdamW + warm-up/cosine, reports + rank-0 checkpoints
     driver:   final checkpoint -> model dir, published atomically with a manifest of the run
 
@@ -28,8 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
@@ -37,7 +35,7 @@ import torch
 from ray.data import RandomSeedConfig
 from transformers import PreTrainedTokenizerFast
 
-from item_model import MODEL_INPUTS, ItemConfig, ItemModel, ItemProcessor, build_model, preset_config, save_model_dir
+from item_model import ItemConfig, ItemModel, ItemProcessor, build_model, preset_config, save_model_dir
 from item_model import train_tokenizer
 from item_model.presets import PRESETS
 from item_model.starts import resolve_start
@@ -49,26 +47,13 @@ from item_model.training import (
 from . import storage
 from .catalog import ColumnMap, open_dataset, read_rows, validate_schema
 from .encode import autocast, resolve_precision
-from .rows import OK, Preprocess
+from .rows import TrainRows
 
 RUN_NAME = "run"  # Ray Train run name inside the work dir
 log = logging.getLogger(__name__)
 
 
-# --- the training data: the embed job's row preparation, kept to the model inputs -------------------------
-
-
-class TrainRows:
-    """Catalog rows -> model inputs (numpy) plus `keep`: False for the rows the embed job would reject
-    (null or empty id; neither a title nor a usable image). Rows are flagged rather than dropped here so
-    that the skip count survives streaming; an unusable image on a row with a title only loses the image."""
-
-    def __init__(self, processor: ItemProcessor, columns: ColumnMap) -> None:
-        self.prepare = Preprocess(processor, columns)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        rows = self.prepare(batch)
-        return {**{k: rows[k] for k in MODEL_INPUTS}, "keep": rows["status"] == OK}
+# --- the training data: the embed job's row preparation, kept to the model inputs (rows.TrainRows) ----
 
 
 def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig, attempt: int = 0) -> ray.data.Dataset:
@@ -87,8 +72,10 @@ def build_dataset(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig, 
     # categories only. Shuffle the raw rows (small: encoded bytes) with the run's seed, before decoding.
     seed = RandomSeedConfig(seed=cfg.seed * 1_000_003 + attempt, reseed_after_execution=True)
     rows = read_rows(catalog_uri, needed).random_shuffle(seed=seed)
-    return rows.map_batches(TrainRows(processor, columns), batch_size=cfg.preprocess_batch_size,
-                            batch_format="pyarrow")
+    ds = rows.map_batches(TrainRows(processor, columns), batch_size=cfg.preprocess_batch_size, batch_format="pyarrow")
+    # One seed, one order: the shuffle's blocks leave in their order, not in the order their tasks finish
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def fit_sample(catalog_uri: str, processor: ItemProcessor, cfg: TrainConfig) -> ray.data.Dataset:

@@ -27,12 +27,15 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import ray.data
 
 MANIFEST = "_manifest.json"
 # where model dirs on object storage are copied to on each machine (override: ITEM_PIPELINE_MODEL_CACHE)
@@ -187,6 +190,24 @@ def parquet_files(uri: str) -> list[str]:
         p for p in candidates if p.endswith(".parquet")
         and not any(part.startswith(("_", ".")) for part in p[len(root) + 1 :].split("/"))
     )
+
+
+def read_dataset(files: list[str], filesystem: Any, columns: list[str] | None = None) -> "ray.data.Dataset":
+    """Parquet files already listed (parquet_files, catalog.open_dataset) as a Ray dataset of `columns`.
+
+    Through Ray Data's V1 Parquet source, chosen by Ray's own `use_datasource_v2` switch for this call: its
+    read tasks take the files as given. The V2 source (Ray 2.60's default) lists them again and reads their
+    footers on a pool of up to 32 actors per read, a new process each (~3 s of imports apiece on a 2-core
+    machine: a 160-row nightly run took 44-49 s with it, 32-34 s without, docs/benchmarks.md); it also
+    drops a file named without `.parquet`, whatever `file_extensions` says."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, filesystem=filesystem, columns=columns, file_extensions=None)
+    finally:
+        context.use_datasource_v2 = v2
 
 
 def _published_objects(fs: fsspec.AbstractFileSystem, root: str) -> list[str] | None:

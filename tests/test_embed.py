@@ -201,11 +201,11 @@ def test_a_killed_encode_actor_is_restarted_and_the_table_is_the_same(embedded, 
                                                                         monkeypatch) -> None:
     """SIGKILL the encode actor in the middle of a batch: Ray restarts it, the batch is retried, and the
     published table equals the uninterrupted run's: no row lost, none twice, counts reconcile."""
-    from pipeline import embed
+    from pipeline import encode
     from tests.faults import killed_once
 
     marker = str(tmp_path / "killed")
-    monkeypatch.setattr(embed, "Encoder", killed_once(embed.Encoder, marker, at_call=2))
+    monkeypatch.setattr(encode, "Encoder", killed_once(encode.Encoder, marker, at_call=2))
     out = str(tmp_path / "out")
     manifest = run_embed(catalog[0], tiny_model_dir, out, OPTIONS)
     assert os.path.exists(marker)  # the actor was killed

@@ -23,7 +23,8 @@ from item_model.training import (TrainConfig, build_optimizer, load_checkpoint, 
                                  train_step)
 from pipeline import storage
 from pipeline.catalog import ColumnMap
-from pipeline.pretrain import TrainRows, build_dataset, fit_sample, pretrain, work_dir_for
+from pipeline.pretrain import build_dataset, fit_sample, pretrain, work_dir_for
+from pipeline.rows import TrainRows
 from jobs.cli import main
 from pipeline.sample_catalog import write_sample_catalog
 
