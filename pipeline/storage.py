@@ -198,7 +198,7 @@ def read_dataset(files: list[str], filesystem: Any, columns: list[str] | None = 
     Through Ray Data's V1 Parquet source, chosen by Ray's own `use_datasource_v2` switch for this call: its
     read tasks take the files as given. The V2 source (Ray 2.60's default) lists them again and reads their
     footers on a pool of up to 32 actors per read, a new process each (~3 s of imports apiece on a 2-core
-    machine: a 160-row nightly run took 44-49 s with it, 32-34 s without, docs/benchmarks.md); it also
+    machine: a 160-row nightly run is 1.51x faster without it, bench/bench_nightly_startup.py); it also
     drops a file named without `.parquet`, whatever `file_extensions` says."""
     import ray.data
 

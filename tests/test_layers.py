@@ -65,3 +65,13 @@ def test_the_command_line_starts_without_torch_or_transformers():
     code = "import sys, jobs.cli; print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_what_rays_workers_unpickle_loads_without_torch():
+    """Ray pickles the jobs' batch classes and functions by reference: each read, write and actor process imports
+    their modules to run them. Those modules must not load torch or Ray Train (~5-7 s per process on 2 cores;
+    docs/benchmarks.md, start-up); only the encode actor and the training worker need them."""
+    modules = "pipeline.rows, pipeline.embed, pipeline.catalog, pipeline.storage, pipeline.id_shuffle, pipeline.dedup, pipeline.backfill"
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'ray.train', 'item_model.modeling') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
