@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,23 +34,27 @@ TOP_IDS, TOP_SCORES = "_top_ids", "_top_scores"  # a batch's running top-k over 
 COARSE_LISTS, COARSE_SCORES = "_coarse_lists", "_coarse_scores"  # its IVF lists, assigned once
 
 
-class ShardNeighbours:
-    """Callable for `map_batches`: the all-pairs search's stage for one shard, holding that shard only.
+SMALL_INDEX_BYTES = 64 * 2**20  # an index whose float vectors take less is searched by one stage
 
-    `__call__({item_id [B], embedding [B, D], ...})` adds the shard's top-`k` to the batch's running top-k
+
+class ShardNeighbours:
+    """Callable for `map_batches`: the all-pairs search's stage for some shards (`stage_shards`: one, unless
+    the index is small), holding those shards only.
+
+    `__call__({item_id [B], embedding [B, D], ...})` adds the shards' top-`k` to the batch's running top-k
     over the shards before it (`_top_ids`, `_top_scores`; absent at the first stage) and returns the batch.
     IVF shards share one trained quantizer: the first stage assigns each item's lists (`_coarse_*`) and the
-    later ones search the same lists, as `ShardedIndex.search` does over all shards at once. No actor holds
-    more than one shard, so an actor's memory is the index's size over the shard count.
+    later ones search the same lists, as `ShardedIndex.search` does over all shards at once. An actor's memory
+    is its shards' size: the index's over the shard count, where the index is not small.
     """
 
-    def __init__(self, index_uri: str, shard: int, k: int, threads: int | None = None):
+    def __init__(self, index_uri: str, shards: Sequence[int], k: int, threads: int | None = None):
         import faiss
 
         if threads:
             faiss.omp_set_num_threads(threads)
         m = storage.read_manifest(index_uri)
-        self.index = ShardedIndex.open(index_uri, [m["shards"][shard]], m["dim"], m["spec"], m["search_params"])
+        self.index = ShardedIndex.open(index_uri, [m["shards"][s] for s in shards], m["dim"], m["spec"], m["search_params"])
         self.k = k
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -69,18 +73,26 @@ class ShardNeighbours:
         return batch.append_column(TOP_IDS, _lists(ids, pa.string())).append_column(TOP_SCORES, _lists(scores))
 
 
+def stage_shards(manifest: dict) -> list[list[int]]:
+    """The shards each search stage holds: one stage per shard, so that no process holds more than one, except
+    for a small index (its float vectors under SMALL_INDEX_BYTES), which one stage holds whole: every stage is
+    an actor process to start (1-3 s here), and a few thousand vectors do not repay a second one."""
+    shards = list(range(len(manifest["shards"])))
+    return [shards] if manifest["n_vectors"] * manifest["dim"] * 4 < SMALL_INDEX_BYTES else [[s] for s in shards]
+
+
 def shard_stages(ds: ray.data.Dataset, index_uri: str, k: int, num_actors: int = 1, threads_per_actor: int | None = None,
                  batch_size: int = 8192, cpus: float = 1.0) -> ray.data.Dataset:
-    """`ds` (item_id, embedding, ...) through one ShardNeighbours stage per index shard, a pool of `num_actors`
-    actors each: every batch of `batch_size` rows leaves with its top-`k` over the whole index (`_top_ids`,
-    `_top_scores`; read them with `top_k`). The stages of one pipeline share `cpus` Ray CPUs, even when FAISS
-    runs more threads: reserving all cores for the actors would leave none for the read tasks that feed
-    them, and the job would wait forever."""
-    n_shards = len(storage.read_manifest(index_uri)["shards"])
-    for shard in range(n_shards):
-        ds = ds.map_batches(ShardNeighbours, fn_constructor_args=(index_uri, shard, k, threads_per_actor),
+    """`ds` (item_id, embedding, ...) through one ShardNeighbours stage per group of `stage_shards`, a pool of
+    `num_actors` actors each: every batch of `batch_size` rows leaves with its top-`k` over the whole index
+    (`_top_ids`, `_top_scores`; read them with `top_k`). The stages of one pipeline share `cpus` Ray CPUs, even
+    when FAISS runs more threads: reserving all cores for the actors would leave none for the read tasks that
+    feed them, and the job would wait forever."""
+    groups = stage_shards(storage.read_manifest(index_uri))
+    for shards in groups:
+        ds = ds.map_batches(ShardNeighbours, fn_constructor_args=(index_uri, shards, k, threads_per_actor),
                             batch_format="pyarrow", batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus / n_shards)
+                            compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus / len(groups))
     return ds
 
 

@@ -18,9 +18,10 @@ from tests.index_data import Catalog, make_catalog, write_embedding_table
 TINY_CATALOG_ROWS = 120  # enough for every defect kind (>= MIN_ROWS_FOR_ALL_DEFECTS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_env():
-    """A moto S3 server on 127.0.0.1 (real HTTP) and the AWS_* variables that point s3fs / botocore at it."""
+    """A moto S3 server on 127.0.0.1 (real HTTP), one for the whole suite (each module uses its own bucket),
+    and the AWS_* variables that point s3fs / botocore at it."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -37,14 +38,23 @@ def s3_env():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_env):
-    """Local Ray on 2 CPUs for one test module; its workers inherit the module's S3 variables."""
+@pytest.fixture(scope="session")
+def _ray_for_the_suite():
+    """Shuts down the local Ray that `ray_local` started, once, at the end of the suite."""
+    yield
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_env})
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_for_the_suite, s3_env):
+    """Local Ray on 2 CPUs, its workers inheriting the S3 variables: started by the first module that needs it
+    and kept for the next ones (starting Ray and its worker processes again cost every module ~5-10 s). A module
+    that shuts Ray down (the cluster test starts its own) leaves the next one to start it again."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_env})
+        ray.data.DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import yaml
+from click.testing import CliRunner
 
+from jobs.cli import main
 from pipeline import storage
 from pipeline.sample_catalog import make_sample_catalog
 
@@ -58,7 +59,7 @@ def _rows(uri: str, columns: list[str]) -> list[tuple]:
     return sorted(zip(*[table.column(c).to_pylist() for c in columns]), key=repr)
 
 
-def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(s3_env, tiny_model_dir, tmp_path):
+def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(s3_env, ray_local, tiny_model_dir, tmp_path):
     fs, _ = storage.get_fs("s3://cluster")
     fs.mkdir("cluster")
     catalog = tmp_path / "catalog.parquet"
@@ -67,12 +68,10 @@ def test_nightly_submitted_to_a_two_node_cluster_equals_a_single_node_run(s3_env
         fs.put(str(catalog), f"{root}/catalog/part-00000.parquet")
         fs.put(tiny_model_dir, f"{root}/model", recursive=True)
 
-    # the reference: the same job on one node (its own local Ray), before the cluster exists
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    single = subprocess.run([sys.executable, "-m", "jobs.cli", "nightly", "--config",
-                             _config(tmp_path / "single.yaml", "s3://cluster/single", 1), "--date", DAY],
-                            cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    # the reference: the same command on one node (the suite's local Ray), before the cluster exists
+    single = CliRunner().invoke(main, ["nightly", "--config", _config(tmp_path / "single.yaml", "s3://cluster/single", 1),
+                                       "--date", DAY])
+    assert single.exit_code == 0, single.output[-4000:]
 
     nodes, dashboard = start_cluster()
     try:

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from pipeline import storage
 from jobs.cli import main
-from pipeline.dedup import (ShardNeighbours, calibrate_threshold, cluster_pairs, cluster_quality, find_duplicate_pairs,
-                            neighbour_pairs)
+from pipeline.dedup import (SMALL_INDEX_BYTES, ShardNeighbours, calibrate_threshold, cluster_pairs, cluster_quality,
+                            find_duplicate_pairs, neighbour_pairs, stage_shards)
 from pipeline.index import ShardedIndex
 
 
@@ -23,8 +23,15 @@ def _groups(index_catalog) -> dict[str, set[str]]:
     return {g: set(rows) for g, rows in frame.groupby("group")["item_id"]}
 
 
+def test_a_small_index_is_searched_by_one_stage_and_a_large_one_by_one_stage_per_shard(ivf_index_uri):
+    manifest = storage.read_manifest(ivf_index_uri)
+    assert stage_shards(manifest) == [[0, 1, 2]]  # 1,000-odd vectors: one actor, not three
+    large = {**manifest, "n_vectors": SMALL_INDEX_BYTES // (4 * manifest["dim"])}
+    assert stage_shards(large) == [[0], [1], [2]]
+
+
 def test_shard_stages_on_a_plain_batch_find_the_whole_index_top_k_and_its_pairs(ivf_index_uri, index_catalog):
-    stages = [ShardNeighbours(ivf_index_uri, shard, k=6) for shard in range(3)]
+    stages = [ShardNeighbours(ivf_index_uri, [shard], k=6) for shard in range(3)]  # as a large index is searched
     assert [len(stage.index.shards) for stage in stages] == [1, 1, 1]  # no stage holds the whole index
     n = len(index_catalog.item_ids)
     batch = pa.table({"item_id": index_catalog.item_ids, "embedding": storage.embedding_array(index_catalog.vectors)})

@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -280,16 +279,6 @@ def test_cli_pretrain_has_help_with_an_example():
 
 
 # --- one real Ray Train run ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():  # another module's cluster (different env): start our own
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
