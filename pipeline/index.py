@@ -397,6 +397,12 @@ class ShardedIndex:
         start = time.perf_counter()
         if coarse is None:
             coarse = self.coarse_assignment(queries)
+        order = None
+        if coarse is not None:
+            # the queries grouped by their nearest list: consecutive queries then scan the same lists while
+            # these are still in cache (bench/bench_ivf_order.py: 1.3-1.8x faster scans; the same results)
+            order = np.argsort(coarse[0][:, 0], kind="stable")
+            queries, coarse = queries[order], (coarse[0][order], coarse[1][order])
         # FAISS's own result merge: a min-heap of the k best per query over every shard's top-k, on global
         # row numbers (a shard's row r is base[s] + r); then the id maps turn rows into item ids
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)
@@ -405,11 +411,16 @@ class ShardedIndex:
             row = np.searchsorted(shard.faiss_ids, i)  # faiss id -> row of the shard's id map
             heap.add_result(d, np.where(i < 0, -1, row + base))
         heap.finalize()
+        rows, scores = heap.I, heap.D
+        if order is not None:  # back to the caller's order
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            rows, scores = rows[back], scores[back]
         self.search_s = time.perf_counter() - start  # as ShardByShard.search_s: the last search's time
-        found = heap.I >= 0
-        ids = np.full(heap.I.shape, None, dtype=object)
-        ids[found] = self._item_ids[heap.I[found]]
-        return np.where(found, heap.D, np.nan).astype(np.float32), ids
+        found = rows >= 0
+        ids = np.full(rows.shape, None, dtype=object)
+        ids[found] = self._item_ids[rows[found]]
+        return np.where(found, scores, np.nan).astype(np.float32), ids
 
 
 class ShardByShard:
