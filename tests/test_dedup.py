@@ -25,7 +25,7 @@ def _groups(index_catalog) -> dict[str, set[str]]:
 
 def test_a_small_index_is_searched_by_one_stage_and_a_large_one_by_one_stage_per_shard(ivf_index_uri):
     manifest = storage.read_manifest(ivf_index_uri)
-    assert stage_shards(manifest) == [[0, 1, 2]]  # 1,000-odd vectors: one actor, not three
+    assert stage_shards(manifest) == [[0, 1, 2]]  # 3,000 vectors of 32-d: one actor, not three
     large = {**manifest, "n_vectors": SMALL_INDEX_BYTES // (4 * manifest["dim"])}
     assert stage_shards(large) == [[0], [1], [2]]
 
